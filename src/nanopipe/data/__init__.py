@@ -1,0 +1,1 @@
+"""Pretraining data: shard sources, the download stage, the packing data loader."""

@@ -1,0 +1,27 @@
+"""Artifact locations, relative to the repo root (where DVC runs every stage).
+
+dvc.yaml names the same paths; tests/test_pipeline.py checks the two agree.
+"""
+from pathlib import Path
+
+DATA = Path("data")
+SHARDS = DATA / "shards"  # parquet shards + manifest.json
+MANIFEST = SHARDS / "manifest.json"
+MODELS = Path("models")
+TOKENIZER = MODELS / "tokenizer"
+CHECKPOINTS = {"base": MODELS / "base", "sft": MODELS / "sft", "rl": MODELS / "rl"}
+RESUME = MODELS / "resume"  # in-progress training checkpoints (DVC `persist: true`)
+METRICS = Path("metrics")
+SECTIONS = METRICS / "sections"  # one markdown report section per stage
+
+
+def metrics_file(stage: str) -> Path:
+    return METRICS / f"{stage}.json"
+
+
+def plot_file(stage: str, name: str) -> Path:
+    return METRICS / stage / f"{name}.csv"
+
+
+def section_file(stage: str) -> Path:
+    return SECTIONS / f"{stage}.md"
