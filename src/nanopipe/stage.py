@@ -37,6 +37,7 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    logging.getLogger("rustbpe").setLevel(logging.WARNING)  # per-merge progress lines
 
 
 class Stage:
