@@ -94,6 +94,7 @@ class PretrainConfig:
     unembedding_lr: float = MISSING
     matrix_lr: float = MISSING
     scalar_lr: float = MISSING
+    batch_lr_scaling: bool = MISSING  # scale LRs by sqrt(total_batch_size / 2^19), nanochat's transfer from d12
     weight_decay: float = MISSING
     adam_beta1: float = MISSING
     adam_beta2: float = MISSING

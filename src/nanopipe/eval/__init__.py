@@ -1,0 +1,1 @@
+"""nanopipe.eval"""

@@ -1,0 +1,194 @@
+"""Attention kernels behind one interface, in nanochat's flash-attention layout (B, T, H, D).
+
+Backends, best first:
+- FA3 from the HF `kernels` hub (`varunneal/flash-attention-3`), Hopper (SM90) only;
+- FA2 from the `flash_attn` package, Ampere and newer;
+- PyTorch SDPA, everywhere (CPU, MPS, any GPU, fp32).
+The flash kernels only take bf16/fp16 CUDA tensors; any other call uses SDPA.
+
+Public API (what the model and the Engine call):
+    flash_attn.flash_attn_func(q, k, v, causal=False, window_size=(-1, -1))
+    flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None,
+                                       cache_seqlens=None, causal=False, window_size=(-1, -1))
+`window_size = (left, right)`: query i sees key j when i - left <= j <= i + right; -1 = unlimited.
+The model always passes causal=True and (w, 0). `flash_attn_with_kvcache` writes k/v into the
+cache at `cache_seqlens` in place and does NOT advance it (the model does, after its last layer).
+
+Tests and users can force a backend with `set_impl('fa3'|'fa2'|'sdpa'|None)`, consulted on every
+call, or at import with the environment variable NANOPIPE_ATTN_IMPL (which also skips loading
+the kernels that are not wanted, e.g. to avoid a hub download).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_VALID_IMPLS = (None, "fa3", "fa2", "sdpa")
+_override_impl = os.environ.get("NANOPIPE_ATTN_IMPL") or None
+if _override_impl not in _VALID_IMPLS:
+    raise ValueError(f"NANOPIPE_ATTN_IMPL={_override_impl!r}: expected one of fa3, fa2, sdpa (or unset)")
+
+
+def _load_flash_attention_3():
+    """FA3 interface from the kernels hub, or (None, reason). Hopper only."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    try:
+        major, _ = torch.cuda.get_device_capability()
+        if major != 9:
+            return None, f"FA3 needs Hopper (SM90), this GPU is SM{major}x"
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from kernels import get_kernel
+        return get_kernel("varunneal/flash-attention-3").flash_attn_interface, None
+    except Exception as e:  # missing package, no network, ABI mismatch: all mean "not available"
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _load_flash_attention_2():
+    """FA2 functions from the `flash_attn` package, or (None, reason). Ampere and newer."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    try:
+        major, _ = torch.cuda.get_device_capability()
+        if major < 8:
+            return None, f"FA2 needs SM80+, this GPU is SM{major}x"
+        from flash_attn import flash_attn_func as f2, flash_attn_with_kvcache as f2kv
+        return SimpleNamespace(flash_attn_func=f2, flash_attn_with_kvcache=f2kv), None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+_fa3, _fa2 = None, None
+if torch.cuda.is_available():
+    _reasons = []
+    if _override_impl in (None, "fa3"):
+        _fa3, _why = _load_flash_attention_3()
+        if _fa3 is None:
+            _reasons.append(f"FA3 unavailable ({_why})")
+    if _fa3 is None and _override_impl in (None, "fa2"):
+        _fa2, _why = _load_flash_attention_2()
+        if _fa2 is None:
+            _reasons.append(f"FA2 unavailable ({_why})")
+    if _fa3 is None and _fa2 is None:
+        logger.warning("Attention: " + "; ".join(_reasons or ["forced"]) + " -> using PyTorch SDPA "
+                       "(correct, but sliding windows are slow; consider window_pattern='L')")
+HAS_FA3 = _fa3 is not None
+HAS_FA2 = _fa2 is not None
+
+
+def set_impl(impl: str | None) -> None:
+    """Force a backend for subsequent calls: 'fa3', 'fa2', 'sdpa', or None for automatic."""
+    global _override_impl
+    if impl not in _VALID_IMPLS:
+        raise ValueError(f"attention impl must be one of fa3, fa2, sdpa or None, got {impl!r}")
+    _override_impl = impl
+
+
+def _use_fa3() -> bool:
+    """nanochat's selector, kept for its tests: would a bf16 CUDA call go to FA3?"""
+    if _override_impl == "fa3":
+        assert HAS_FA3, "Cannot override to FA3: not available on this hardware"
+        return True
+    if _override_impl in ("sdpa", "fa2"):
+        return False
+    return HAS_FA3
+
+
+def _flash_backend(q: torch.Tensor):
+    """The flash module to use for this call, or None for SDPA."""
+    if _override_impl == "fa3":
+        assert HAS_FA3, "Cannot override to FA3: not available on this hardware"
+        return _fa3
+    if _override_impl == "fa2":
+        assert HAS_FA2, "Cannot override to FA2: the flash_attn package is not usable here"
+        return _fa2
+    if _override_impl == "sdpa":
+        return None
+    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+        return None  # flash kernels take half precision CUDA tensors only
+    return _fa3 if _fa3 is not None else _fa2
+
+
+def backend_name(device=None, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Which backend a call with tensors on `device` in `dtype` would use (for status prints)."""
+    probe = torch.empty(0, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype)
+    mod = _flash_backend(probe)
+    return "fa3" if mod is not None and mod is _fa3 else "fa2" if mod is not None else "sdpa"
+
+
+def _first(y):
+    # Some FA builds return (out, softmax_lse); we only want the output.
+    return y[0] if isinstance(y, tuple) else y
+
+
+# -----------------------------------------------------------------------------
+# SDPA fallback (layout (B, H, T, D) inside)
+
+
+def _sdpa_attention(q, k, v, window_size, enable_gqa):
+    """Causal attention with an optional left window. Queries are aligned with the END of the
+    keys (a cache or chunked prefill has Tk > Tq)."""
+    Tq, Tk = q.size(2), k.size(2)
+    window = window_size[0]
+    # Fast path: plain causal attention over the whole sequence (training L-layers).
+    if (window < 0 or window >= Tq) and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    # Single-token decode: causality is free; the window is a slice of the tail.
+    if Tq == 1:
+        if 0 <= window < Tk:
+            start = max(0, Tk - (window + 1))
+            k, v = k[:, :, start:], v[:, :, start:]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=enable_gqa)
+    # General case: explicit boolean mask (True = attend). Slow: no flash SDPA kernel with a mask.
+    row = (Tk - Tq) + torch.arange(Tq, device=q.device).unsqueeze(1)
+    col = torch.arange(Tk, device=q.device).unsqueeze(0)
+    mask = col <= row
+    if 0 <= window < Tk:
+        mask = mask & ((row - col) <= window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+
+def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
+    """Attention over a full sequence. q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D)."""
+    mod = _flash_backend(q)
+    if mod is not None:
+        return _first(mod.flash_attn_func(q, k, v, causal=causal, window_size=window_size))
+    assert causal, "the SDPA fallback implements causal attention only (the model never asks otherwise)"
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    y = _sdpa_attention(q, k, v, window_size, enable_gqa=q.size(1) != k.size(1))
+    return y.transpose(1, 2)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
+                            causal=False, window_size=(-1, -1)):
+    """Attention for inference against a KV cache (B, T_max, Hkv, D) per layer.
+
+    Writes the new k/v at position cache_seqlens[0] in place, attends over the prefix
+    plus the new tokens, and leaves cache_seqlens unchanged. The SDPA fallback assumes
+    every row of the batch sits at the same position (the model's rotary offset does too).
+    """
+    mod = _flash_backend(q)
+    if mod is not None:
+        return _first(mod.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                                  causal=causal, window_size=window_size))
+    assert causal, "the SDPA fallback implements causal attention only (the model never asks otherwise)"
+    T_new = q.size(1)
+    pos = int(cache_seqlens[0].item())
+    if pos + T_new > k_cache.size(1):
+        raise ValueError(f"KV cache overflow: position {pos} + {T_new} new tokens > cache length {k_cache.size(1)}")
+    if k is not None and v is not None:
+        k_cache[:, pos:pos + T_new] = k
+        v_cache[:, pos:pos + T_new] = v
+    end = pos + T_new
+    q_, k_, v_ = q.transpose(1, 2), k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2)
+    y = _sdpa_attention(q_, k_, v_, window_size, enable_gqa=q_.size(1) != k_.size(1))
+    return y.transpose(1, 2)
+
+
+flash_attn = SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)

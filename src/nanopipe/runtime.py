@@ -1,0 +1,276 @@
+"""Runtime helpers shared by every stage: device and dtype choice, torch.distributed
+setup from the torchrun environment, rank-aware printing/logging, seeding, and the
+GPU peak-FLOPs table used for MFU.
+
+Follows nanochat's common.py. Differences on purpose:
+- distributed runs work on CPU too (gloo), not only CUDA (nccl);
+- TF32 is enabled with the call that works (`set_float32_matmul_precision("high")`);
+- `compute_dtype` makes the bf16-vs-fp32 choice explicit and overridable.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+class ColoredFormatter(logging.Formatter):
+    """Colour the level name; in INFO lines also bold sizes/percentages and shard names."""
+
+    COLORS = {
+        "DEBUG": "\033[36m",
+        "INFO": "\033[32m",
+        "WARNING": "\033[33m",
+        "ERROR": "\033[31m",
+        "CRITICAL": "\033[35m",
+    }
+    RESET = "\033[0m"
+    BOLD = "\033[1m"
+
+    def format(self, record):
+        levelname = record.levelname
+        if levelname in self.COLORS:
+            record.levelname = f"{self.COLORS[levelname]}{self.BOLD}{levelname}{self.RESET}"
+        message = super().format(record)
+        if levelname == "INFO":
+            message = re.sub(r"(\d+\.?\d*\s*(?:GB|MB|%|docs))", rf"{self.BOLD}\1{self.RESET}", message)
+            message = re.sub(r"(Shard \d+)", rf"{self.COLORS['INFO']}{self.BOLD}\1{self.RESET}", message)
+        record.levelname = levelname  # other handlers must see the plain name
+        return message
+
+
+def setup_default_logging(level: int = logging.INFO) -> None:
+    """Attach a coloured stream handler to the root logger unless something (e.g. Hydra)
+    already configured logging, so we never print every line twice."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+setup_default_logging()
+logger = logging.getLogger(__name__)
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(s="", **kwargs) -> None:
+    """print() on rank 0 only (rank read from the torchrun env, so it works before init)."""
+    if _env_rank() == 0:
+        print(s, **kwargs)
+
+
+def log0(message: str, level: int = logging.INFO) -> None:
+    """logger.log() on rank 0 only."""
+    if _env_rank() == 0:
+        logger.log(level, message)
+
+
+def print_banner() -> None:
+    banner = r"""
+                                        _
+  _ __   __ _ _ __   ___  _ __ (_)_ __   ___
+ | '_ \ / _` | '_ \ / _ \| '_ \| | '_ \ / _ \
+ | | | | (_| | | | | (_) | |_) | | |_) |  __/
+ |_| |_|\__,_|_| |_|\___/| .__/|_| .__/ \___|
+                         |_|     |_|
+"""
+    print0(banner)
+
+
+# -----------------------------------------------------------------------------
+# Distributed
+
+
+def is_ddp_requested() -> bool:
+    """torchrun sets all three of these for every worker."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def is_ddp_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(ddp, rank, local_rank, world_size); (False, 0, 0, 1) outside torchrun."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def autodetect_device_type() -> str:
+    """cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        device_type = "cuda"
+    elif torch.backends.mps.is_available():
+        device_type = "mps"
+    else:
+        device_type = "cpu"
+    print0(f"Autodetected device type: {device_type}")
+    return device_type
+
+
+def compute_init(device_type: str = "cuda", seed: int = 42, timeout_s: float = 1800.0):
+    """Seed, set precision flags and join the process group when launched by torchrun.
+
+    Returns (ddp, rank, local_rank, world_size, device). nccl on CUDA, gloo on CPU; MPS
+    has no multi-process backend and is refused when torchrun asks for one.
+    """
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"device_type must be one of cuda/mps/cpu, got {device_type!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device_type='cuda' was requested but torch.cuda.is_available() is False "
+                           "(CPU-only torch build or no visible GPU); use device_type='cpu'")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device_type='mps' was requested but torch.backends.mps.is_available() is False")
+
+    seed_everything(seed)
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "mps":
+        raise RuntimeError(f"torchrun launched {world_size} workers but MPS has no distributed backend; "
+                           "run a single process or use device_type='cpu'")
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        if not is_ddp_initialized():
+            dist.init_process_group("nccl", device_id=device, timeout=timedelta(seconds=timeout_s))
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        if not is_ddp_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if rank == 0:
+        logger.info(f"Distributed world size: {world_size} (device {device})")
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup() -> None:
+    """Tear down the process group if we made one (safe to call always)."""
+    if is_ddp_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Seeding, dtype, device-aware small helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy (if installed) and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % (2**32))
+    except ImportError:
+        pass
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def compute_dtype(device, override: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype matmuls run in: bf16 on CUDA SM80+ (Ampere and newer), fp32 elsewhere
+    (CPU, MPS, older GPUs). `override` ('bfloat16', 'float32', ...) wins when given."""
+    if override is not None and override != "auto":
+        if isinstance(override, torch.dtype):
+            return override
+        if override not in _DTYPES:
+            raise ValueError(f"unknown dtype override {override!r}; expected one of {sorted(_DTYPES)} or 'auto'")
+        return _DTYPES[override]
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_ctx(device, dtype: torch.dtype):
+    """bf16/fp16 autocast on CUDA; a no-op elsewhere (CPU/MPS train in fp32, as nanochat)."""
+    device = torch.device(device)
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.amp.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def get_max_memory(device) -> int:
+    """Peak bytes allocated on the accelerator; 0 where torch cannot tell (CPU)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# Peak FLOPs (BF16 dense) for MFU. First entry whose substrings all occur wins.
+
+_PEAK_FLOPS = [
+    (["gb200"], 2.5e15),
+    (["grace blackwell"], 2.5e15),
+    (["b200"], 2.25e15),
+    (["b100"], 1.8e15),
+    (["h200", "nvl"], 836e12),
+    (["h200", "pcie"], 836e12),
+    (["h200"], 989e12),
+    (["h100", "nvl"], 835e12),
+    (["h100", "pcie"], 756e12),
+    (["h100"], 989e12),
+    (["h800", "nvl"], 989e12),
+    (["h800"], 756e12),
+    (["a100"], 312e12),
+    (["a800"], 312e12),
+    (["a40"], 149.7e12),
+    (["a30"], 165e12),
+    (["l40s"], 362e12),
+    (["l40-s"], 362e12),
+    (["l40 s"], 362e12),
+    (["l4"], 121e12),
+    (["mi355"], 2.5e15),
+    (["mi325"], 1.3074e15),
+    (["mi300x"], 1.3074e15),
+    (["mi300a"], 980.6e12),
+    (["mi250x"], 383e12),
+    (["mi250"], 362.1e12),
+    (["5090"], 209.5e12),
+    (["4090"], 165.2e12),
+    (["3090"], 71e12),
+]
+
+
+def get_peak_flops(device_name: str) -> float:
+    """BF16 dense peak FLOP/s for a GPU name (case-insensitive); inf plus a warning when
+    unknown, so MFU reads 0% instead of a made-up number."""
+    name = device_name.lower()
+    if "data center gpu max 1550" in name:
+        # Intel Ponte Vecchio: 512 flops/clock/EU at 1.3 GHz.
+        return 512 * torch.xpu.get_device_properties().max_compute_units * 1300e6
+    for patterns, flops in _PEAK_FLOPS:
+        if all(p in name for p in patterns):
+            return flops
+    logger.warning(f"Peak flops undefined for {device_name!r}, MFU will show as 0%")
+    return float("inf")

@@ -1,0 +1,1 @@
+"""Training stages: pretrain, SFT, RL, and the loop pieces they share."""

@@ -1,0 +1,188 @@
+"""Pieces every training stage (pretrain, SFT, RL) shares; each stage's loop reads top to bottom.
+
+- `Device`: the process's device, dtype, autocast and torch.distributed setup from config.
+- `lr_multiplier`, `muon_momentum`, `apply_schedule`: nanochat's schedules.
+- `Resume`: in-progress checkpoints under models/resume/<stage>/ (not a DVC output, so
+  DVC never deletes it before a rerun). A checkpoint is used only when it was written by
+  a run with the same fingerprint (config + inputs); otherwise the stage starts fresh.
+- `StepMeter`: smoothed loss, tok/s, MFU, ETA, and the progress bar on rank 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from nanopipe import paths
+from nanopipe.model.checkpoint import find_last_step, load_checkpoint, save_checkpoint, step_dir
+from nanopipe.runtime import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
+                              get_max_memory, get_peak_flops, synchronize)
+
+log = logging.getLogger("nanopipe.train")
+
+
+@dataclass
+class Device:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    peak_flops: float
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        return autocast_ctx(self.device, self.dtype)
+
+    def sync(self) -> None:
+        synchronize(self.device)
+
+    def max_memory_mib(self) -> float:
+        if self.device.type == "cpu":
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
+        return get_max_memory(self.device) / 2**20
+
+    def all_reduce_mean(self, value: float) -> float:
+        if not self.ddp:
+            return value
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def close(self) -> None:
+        compute_cleanup()
+
+
+def setup_device(cfg: DictConfig) -> Device:
+    rt = cfg.runtime
+    device_type = autodetect_device_type() if rt.device == "auto" else rt.device
+    if device_type == "cpu" and rt.threads > 0:
+        torch.set_num_threads(rt.threads)
+    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=rt.seed)
+    peak = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
+    return Device(ddp, rank, local_rank, world_size, device, compute_dtype(device, rt.dtype), peak)
+
+
+def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
+    """Linear warmup, constant, then linear warmdown to final_lr_frac (nanochat's schedule)."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - it) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(it: int) -> float:
+    """Muon momentum ramps linearly from 0.85 to 0.95 over the first 300 steps."""
+    frac = min(it / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def apply_schedule(optimizer, lrm: float, momentum: float | None = None, weight_decay: float | None = None) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group.get("kind") == "muon":
+            if momentum is not None:
+                group["momentum"] = momentum
+            if weight_decay is not None:
+                group["weight_decay"] = weight_decay
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of config sections / input hashes identifying one training run."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Resume:
+    """In-progress checkpoints of one stage, valid only for the run that wrote them."""
+
+    def __init__(self, stage: str, run_fingerprint: str, root: Path = paths.RESUME):
+        self.dir = root / stage
+        self.fingerprint = run_fingerprint
+
+    def latest(self) -> Path | None:
+        step = find_last_step(self.dir)
+        if step is None:
+            return None
+        ckpt = step_dir(self.dir, step)
+        meta = json.loads((ckpt / "meta.json").read_text())
+        if meta.get("fingerprint") != self.fingerprint:
+            log.info("ignoring %s: written by a run with another config or inputs", ckpt)
+            return None
+        return ckpt
+
+    def load(self, model, optimizer) -> dict | None:
+        ckpt = self.latest()
+        if ckpt is None:
+            return None
+        return load_checkpoint(ckpt, model, optimizer)
+
+    def save(self, step: int, model, optimizer, meta: dict) -> None:
+        """Every rank calls this; the previous checkpoint is removed once the new one is on disk."""
+        previous = find_last_step(self.dir)
+        save_checkpoint(step_dir(self.dir, step), model, optimizer, {**meta, "step": step, "fingerprint": self.fingerprint})
+        if dist.is_initialized():
+            dist.barrier()
+        if (not dist.is_initialized() or dist.get_rank() == 0) and previous is not None and previous != step:
+            shutil.rmtree(step_dir(self.dir, previous), ignore_errors=True)
+
+    def clear(self) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StepMeter:
+    """Per-step throughput and loss bookkeeping, with a progress bar on rank 0."""
+
+    def __init__(self, num_iterations: int, start_step: int, tokens_per_step: int, flops_per_token: float,
+                 dev: Device, desc: str, smooth_loss: float = 0.0, train_time: float = 0.0):
+        self.n, self.tokens_per_step, self.flops_per_token, self.dev = num_iterations, tokens_per_step, flops_per_token, dev
+        self.smooth_loss, self.train_time, self.step0 = smooth_loss, train_time, start_step
+        self.bar = tqdm(total=num_iterations, initial=start_step, desc=desc, disable=not dev.master or None, dynamic_ncols=True)
+        self._t = 0.0
+
+    def start(self) -> None:
+        self.dev.sync()
+        self._t = time.time()
+
+    def stop(self, step: int, loss: float) -> dict:
+        """Close the step; returns the step's metrics."""
+        self.dev.sync()
+        dt = time.time() - self._t
+        self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
+        debiased = self.smooth_loss / (1 - 0.9 ** (step + 1))
+        if step - self.step0 > 1:  # the first steps include warm-up/compile time
+            self.train_time += dt
+        tok_s = self.tokens_per_step / dt
+        mfu = 100 * self.flops_per_token * tok_s / (self.dev.peak_flops * self.dev.world_size)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{debiased:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1f}%", refresh=False)
+        return {"loss": loss, "loss_smooth": debiased, "dt_ms": dt * 1000, "tok_per_sec": tok_s, "mfu": mfu}
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def lr_scale_note(scale: float) -> str:
+    return "" if math.isclose(scale, 1.0) else f" (LRs scaled by {scale:.4f})"
