@@ -141,6 +141,9 @@ class Resume:
     def save(self, step: int, model, optimizer, meta: dict) -> None:
         """Every rank calls this; the previous checkpoint is removed once the new one is on disk."""
         previous = find_last_step(self.dir)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            for stale in self.dir.glob(".step_*"):  # temp dirs of a save that was killed midway
+                shutil.rmtree(stale, ignore_errors=True)
         save_checkpoint(step_dir(self.dir, step), model, optimizer, {**meta, "step": step, "fingerprint": self.fingerprint})
         if dist.is_initialized():
             dist.barrier()
