@@ -193,7 +193,7 @@ def main(cfg: DictConfig) -> None:
             "step": step, "num_params": pl["num_params"], "num_scaling_params": pl["num_scaling_params"],
             "flops_per_token": pl["flops_per_token"], "total_batch_size": pl["total_batch_size"],
             "total_tokens": pl["total_tokens"], "tokens_per_scaling_param": pl["tokens_per_scaling_param"],
-            "total_flops": pl["total_flops"], "horizon_from": pl["horizon_from"], "lr_scale": pl["lr_scale"],
+            "total_flops": pl["total_flops"], "lr_scale": pl["lr_scale"],
             "weight_decay": pl["weight_decay"], "final_val_bpb": val_bpb,
             "min_val_bpb": loop["min_val_bpb"] if math.isfinite(loop["min_val_bpb"]) else None,
             "core_metric": core.get("core_metric"), "train_loss": meter.smooth_loss / (1 - 0.9 ** max(step, 1)),
