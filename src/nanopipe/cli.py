@@ -91,11 +91,14 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging()
     # Options of the command itself (e.g. `chat --prompt "hi"`) come before the overrides.
-    options = []
-    while rest and rest[0].startswith("--"):
-        options.append(rest.pop(0))
-        if rest and "=" not in rest[0] and not rest[0].startswith("--"):
+    options = []  # `--name value` / `--name=value` pairs, all before the overrides
+    while rest and rest[0].startswith("-"):
+        opt = rest.pop(0)
+        options.append(opt)
+        if "=" not in opt and rest:
             options.append(rest.pop(0))
+    if options and command not in ("chat",):
+        raise SystemExit(f"nanopipe {command}: takes no options ({' '.join(options)}); configure it with key=value overrides")
     try:
         cfg = load_config(rest)
     except ConfigError as e:

@@ -1,0 +1,104 @@
+"""
+Terminal chat with a model (`nanopipe chat`): an interactive loop, or one answer with a prompt.
+
+    run_chat(model, tokenizer)                      # interactive: quit/exit, clear, Ctrl-D
+    run_chat(model, tokenizer, prompt="Hi there")   # answer once and return
+
+Replies stream as they decode, never splitting a UTF-8 character. The conversation is kept
+as tokens; when it would no longer fit the model's context with room for a reply, the
+oldest turns are dropped.
+"""
+import random
+import sys
+
+import torch
+
+from nanopipe.runtime import autocast_ctx, compute_dtype
+from nanopipe.serve.engine import Engine, TextStream
+
+
+def run_chat(model, tokenizer, prompt=None, temperature=0.6, top_k=50, max_tokens=256, input_fn=input,
+             output=sys.stdout, seed=None, dtype=None):
+    """Chat on the terminal; returns the assistant replies (text) of the session.
+
+    seed: None draws a fresh seed per turn (regenerating differs); an int makes turn i use seed+i.
+    dtype: compute dtype override ('bfloat16', 'float32', ...); default: bf16 autocast on CUDA SM80+.
+    """
+    engine = Engine(model, tokenizer)
+    device = torch.device(model.get_device())
+    autocast = autocast_ctx(device, compute_dtype(device, dtype))
+    special = tokenizer.encode_special
+    bos = tokenizer.get_bos_token_id()
+    user_start, user_end = special("<|user_start|>"), special("<|user_end|>")
+    assistant_start, assistant_end = special("<|assistant_start|>"), special("<|assistant_end|>")
+    context = model.config.sequence_len
+
+    def write(text):
+        if text:
+            output.write(text)
+            output.flush()
+
+    if prompt is None:
+        write("\nNanoChat Interactive Mode\n" + "-" * 50 + "\n"
+              "Type 'quit' or 'exit' to end the conversation\n"
+              "Type 'clear' to start a new conversation\n" + "-" * 50 + "\n")
+
+    turns = []  # token lists of finished (user + assistant) exchanges, oldest first
+    replies = []
+    while True:
+        if prompt is not None:
+            text = prompt.strip()
+        else:
+            try:
+                text = input_fn("\nUser: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                write("\nGoodbye!\n")
+                break
+            if text.lower() in ("quit", "exit"):
+                write("Goodbye!\n")
+                break
+            if text.lower() == "clear":
+                turns = []
+                write("Conversation cleared.\n")
+                continue
+        if not text:
+            if prompt is not None:
+                break
+            continue
+
+        user_tokens = [user_start] + tokenizer.encode(text) + [user_end, assistant_start]
+        budget = min(max_tokens, context - 1 - len(user_tokens))
+        if budget < 1:
+            write(f"\n(message too long: {len(user_tokens)} tokens for a {context}-token context)\n")
+            if prompt is not None:
+                break
+            continue
+        dropped = 0
+        while turns and 1 + sum(map(len, turns)) + len(user_tokens) + budget > context:
+            turns.pop(0)
+            dropped += 1
+        if dropped:
+            write(f"\n(dropped the {dropped} oldest exchange(s) to fit the {context}-token context)\n")
+        conversation = [bos] + [t for turn in turns for t in turn] + user_tokens
+
+        write("\nAssistant: ")
+        turn_seed = random.randint(0, 2**31 - 1) if seed is None else seed + len(replies)
+        stream = TextStream(tokenizer)
+        response = []
+        try:
+            with autocast:
+                for column, _ in engine.generate(conversation, num_samples=1, max_tokens=budget,
+                                                 temperature=temperature, top_k=top_k, seed=turn_seed):
+                    token = column[0]
+                    if token == assistant_end or token == bos:
+                        break
+                    response.append(token)
+                    write(stream.push(token))
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            write(" [interrupted]")
+        write(stream.flush() + "\n")
+        turns.append(user_tokens + response + [assistant_end])
+        replies.append(tokenizer.decode(response))
+        if prompt is not None:
+            break
+    return replies

@@ -1,0 +1,356 @@
+"""
+Inference engine: KV-cached sampling with the calculator tool.
+
+Everything here works on token ids; the tokenizer is only used to resolve the special
+tokens and to decode/encode calculator expressions and results. The model contract
+(nanopipe.model.gpt.GPT, or any double with the same surface):
+    model.get_device() -> torch.device (a device string is accepted too)
+    model.config with n_kv_head, n_head, n_embd, n_layer, sequence_len
+    model.forward(ids[B, T], kv_cache=KVCache) -> float logits [B, T, V], advancing the cache by T
+
+Engine.generate prefills the prompt once (batch 1) and broadcasts the cache to
+num_samples rows; every row then samples its own tokens. Engine.generate_batch is the
+non-streaming wrapper that base_eval, chat_eval and RL use.
+"""
+import signal
+import threading
+import warnings
+from collections import deque
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from nanopipe.model.kv_cache import KVCache  # re-exported: nanochat's engine module owned it
+
+__all__ = ["KVCache", "sample_next_token", "RowState", "use_calculator", "eval_with_timeout",
+           "timeout", "Engine", "kv_cache_dtype", "TextStream"]
+
+# -----------------------------------------------------------------------------
+# Calculator tool
+
+
+@contextmanager
+def timeout(duration, formula):
+    """SIGALRM-based wall-clock limit (main thread only); the caller disarms on error."""
+    def handler(signum, frame):
+        raise Exception(f"'{formula}': timed out after {duration} seconds")
+    signal.signal(signal.SIGALRM, handler)
+    signal.alarm(duration)
+    yield
+    signal.alarm(0)
+
+
+def _eval(formula):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        return eval(formula, {"__builtins__": {}}, {})
+
+
+def eval_with_timeout(formula, max_time=3):
+    """Evaluate a (pre-screened) expression with empty builtins; None on any error or timeout.
+
+    SIGALRM only works on the main thread. The server decodes on a background thread, where
+    nanochat's version would silently return None for every expression; there we evaluate
+    in a daemon thread and give up after max_time seconds instead (a runaway evaluation
+    keeps its thread but cannot block decoding).
+    """
+    if threading.current_thread() is threading.main_thread():
+        try:
+            with timeout(max_time, formula):
+                return _eval(formula)
+        except Exception:
+            signal.alarm(0)
+            return None
+    box = {}
+
+    def target():
+        try:
+            box["value"] = _eval(formula)
+        except Exception:
+            pass
+    worker = threading.Thread(target=target, daemon=True, name="calculator")
+    worker.start()
+    worker.join(max_time)
+    if worker.is_alive():
+        return None
+    return box.get("value")
+
+
+_BLOCKED = ["__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input",
+            "globals", "locals", "vars", "dir", "getattr", "setattr", "delattr", "hasattr"]
+_MATH_CHARS = set("0123456789*+-/.() ")
+_STRING_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
+
+
+def use_calculator(expr):
+    """Evaluate arithmetic, or a string's .count(...), as the model's tool call. None = refused."""
+    expr = expr.replace(",", "")  # "1,000" -> "1000"
+    if all(c in _MATH_CHARS for c in expr):
+        if "**" in expr:  # no exponentiation: 9**9**9 would hang the process
+            return None
+        return eval_with_timeout(expr)
+    if not all(c in _STRING_CHARS for c in expr):
+        return None
+    lowered = expr.lower()
+    # plain substring match, so harmless literals like 'directory' are refused too (kept as in nanochat)
+    if any(word in lowered for word in _BLOCKED):
+        return None
+    if ".count(" not in expr:
+        return None
+    return eval_with_timeout(expr)
+
+# -----------------------------------------------------------------------------
+# Sampling and per-row state
+
+
+@torch.inference_mode()
+def sample_next_token(logits, rng, temperature=1.0, top_k=None):
+    """Sample one token per row from logits (B, V) -> (B, 1). Temperature 0 is greedy."""
+    assert temperature >= 0.0, "temperature must be non-negative"
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    if top_k is not None and top_k > 0:
+        k = min(top_k, logits.size(-1))
+        vals, idx = torch.topk(logits, k, dim=-1)
+        probs = F.softmax(vals / temperature, dim=-1)
+        choice = torch.multinomial(probs, num_samples=1, generator=rng)
+        return idx.gather(1, choice)
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=rng)
+
+
+class RowState:
+    """Decode state of one sample: its tokens, pending forced tokens and the tool-call buffer."""
+
+    def __init__(self, current_tokens=None):
+        self.current_tokens = current_tokens or []
+        self.forced_tokens = deque()  # tokens that must come next (calculator output)
+        self.in_python_block = False
+        self.python_expr_tokens = []
+        self.completed = False
+
+
+class ToolTokens:
+    """The special-token ids the decode loop reacts to, resolved once per tokenizer."""
+
+    def __init__(self, tokenizer):
+        get = tokenizer.encode_special
+        self.python_start = get("<|python_start|>")
+        self.python_end = get("<|python_end|>")
+        self.output_start = get("<|output_start|>")
+        self.output_end = get("<|output_end|>")
+        self.assistant_end = get("<|assistant_end|>")
+        self.bos = tokenizer.get_bos_token_id()
+
+
+def step_row(state, sampled_token, tokenizer, special):
+    """Pick the row's next token (a forced one wins over the sample), update the tool state
+    machine, and return (token, mask) with mask 1 = sampled, 0 = forced.
+
+    Shared by Engine.generate and the serving scheduler so both decode identically."""
+    forced = len(state.forced_tokens) > 0
+    token = state.forced_tokens.popleft() if forced else sampled_token
+    state.current_tokens.append(token)
+    if token == special.assistant_end or token == special.bos:
+        state.completed = True
+    if token == special.python_start:
+        state.in_python_block = True
+        state.python_expr_tokens = []
+    elif token == special.python_end and state.in_python_block:
+        state.in_python_block = False
+        if state.python_expr_tokens:
+            expr = tokenizer.decode(state.python_expr_tokens)
+            result = use_calculator(expr)
+            if result is not None:
+                state.forced_tokens.append(special.output_start)
+                state.forced_tokens.extend(tokenizer.encode(str(result)))
+                state.forced_tokens.append(special.output_end)
+        state.python_expr_tokens = []
+    elif state.in_python_block:
+        state.python_expr_tokens.append(token)
+    return token, (0 if forced else 1)
+
+
+def kv_cache_dtype(device, model=None):
+    """K/V are stored in the dtype attention computes in: the autocast dtype when autocast is on
+    for this device type (bf16 on CUDA as nanopipe runs it), else the model's weight dtype."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    weight = getattr(getattr(model, "lm_head", None), "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    return torch.float32
+
+# -----------------------------------------------------------------------------
+# Engine
+
+
+class Engine:
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """Stream (token_column, token_masks) per decode step, one entry per sample.
+
+        Rows keep producing (ignorable) tokens after they complete; the terminator itself is
+        yielded. Stops after max_tokens steps, once every row completed, or when the KV cache
+        is full (max_tokens=None sizes it to the model's sequence_len)."""
+        assert isinstance(tokens, list) and len(tokens) > 0 and isinstance(tokens[0], int), "expecting list of ints"
+        model, tokenizer = self.model, self.tokenizer
+        device = torch.device(model.get_device())  # doubles may report a string
+        dtype = kv_cache_dtype(device, model)
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+        special = ToolTokens(tokenizer)
+
+        m = model.config
+        kv_kwargs = dict(num_heads=m.n_kv_head, head_dim=m.n_embd // m.n_head, num_layers=m.n_layer)
+        if max_tokens is not None and max_tokens <= 0:
+            return
+        capacity = len(tokens) + max_tokens if max_tokens is not None else m.sequence_len
+        if len(tokens) >= capacity:
+            raise ValueError(f"prompt of {len(tokens)} tokens leaves no room to generate: the KV cache holds "
+                             f"{capacity} tokens (model sequence_len={m.sequence_len}); pass max_tokens or shorten the prompt")
+        limit = capacity - len(tokens)  # == max_tokens when given
+
+        # prefill the prompt once, batch 1
+        prefill_cache = KVCache(batch_size=1, seq_len=len(tokens), device=device, dtype=dtype, **kv_kwargs)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = model.forward(ids, kv_cache=prefill_cache)
+        # every row draws its own first token from the same distribution
+        logits = logits[:, -1, :].expand(num_samples, -1)
+
+        # replicate the prompt's cache into num_samples rows (prefill broadcasts over batch)
+        decode_cache = KVCache(batch_size=num_samples, seq_len=capacity, device=device, dtype=dtype, **kv_kwargs)
+        decode_cache.prefill(prefill_cache)
+        del prefill_cache
+
+        rows = [RowState(tokens.copy()) for _ in range(num_samples)]
+        num_generated = 0
+        while num_generated < limit and not all(row.completed for row in rows):
+            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
+            column, masks = [], []
+            for row, token in zip(rows, sampled):
+                token, mask = step_row(row, token, tokenizer, special)
+                column.append(token)
+                masks.append(mask)
+            yield column, masks
+            num_generated += 1
+            if num_generated >= limit or all(row.completed for row in rows):
+                break  # nanochat does one more (wasted) forward here; the output is the same
+            ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
+            logits = model.forward(ids, kv_cache=decode_cache)[:, -1, :]
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Non-streaming: (results, masks), each row = prompt + generated tokens without the
+        terminator; masks are 0 over the prompt and forced tokens, 1 over sampled ones."""
+        special = ToolTokens(self.tokenizer)
+        results = [tokens.copy() for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        completed = [False] * num_samples
+        for column, column_masks in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, column_masks)):
+                if completed[i]:
+                    continue
+                if token == special.assistant_end or token == special.bos:
+                    completed[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+            if all(completed):
+                break
+        return results, masks
+
+# -----------------------------------------------------------------------------
+# Streaming detokenization
+
+
+class TextStream:
+    """Turns a token stream into text deltas without ever emitting half a UTF-8 character.
+
+    A token can end in the middle of a multi-byte character; its decode then ends in U+FFFD.
+    Such tokens are held back until the character completes (nanochat's rule). Only the
+    tokens since the last clean boundary are re-decoded, which is equivalent for byte-level
+    BPE and keeps long replies linear. More than 8 held tokens cannot be a partial
+    character (at most 3 bytes are ever missing), so they are released as they are.
+    """
+
+    MAX_HELD = 8
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.held = []
+
+    def push(self, token):
+        self.held.append(token)
+        text = self.tokenizer.decode(self.held)
+        if text.endswith("\ufffd") and len(self.held) < self.MAX_HELD:
+            return ""
+        self.held = []
+        return text
+
+    def flush(self):
+        """Whatever is still held (invalid bytes decode to U+FFFD) at the end of a reply."""
+        text = self.tokenizer.decode(self.held) if self.held else ""
+        self.held = []
+        return text
+
+# -----------------------------------------------------------------------------
+# Self-test: python -m nanopipe.serve.engine --ckpt models/base --tokenizer models/tokenizer
+
+
+def main(argv=None):
+    """Greedy-decode one prompt with the model's naive reference generate and with the Engine;
+    the tokens must match (the Engine's KV cache changes speed, not results)."""
+    import argparse
+    import time
+
+    from nanopipe.model.checkpoint import load_model
+    from nanopipe.runtime import autocast_ctx, autodetect_device_type, compute_dtype
+    from nanopipe.tokenizer import load_tokenizer
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--ckpt", default="models/base", help="checkpoint directory (with meta.json)")
+    ap.add_argument("--tokenizer", default="models/tokenizer", help="tokenizer directory")
+    ap.add_argument("--device", default="", help="cuda|cpu|mps; empty = autodetect")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt", default="The chemical formula of water is")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or autodetect_device_type())
+    tokenizer = load_tokenizer(args.tokenizer)
+    model, _ = load_model(args.ckpt, device, phase="eval", tokenizer=tokenizer)
+    prompt = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with autocast_ctx(device, compute_dtype(device)):
+        t0 = time.time()
+        reference = []
+        for token in model.generate(prompt, args.max_tokens, temperature=0.0):
+            reference.append(token)
+            print(tokenizer.decode([token]), end="", flush=True)
+        sync()
+        print(f"\nReference time: {time.time() - t0:.2f}s")
+        t0 = time.time()
+        ours = []
+        for column, _ in Engine(model, tokenizer).generate(prompt, num_samples=1, max_tokens=args.max_tokens,
+                                                           temperature=0.0):
+            ours.append(column[0])
+            print(tokenizer.decode([column[0]]), end="", flush=True)
+        sync()
+        print(f"\nEngine time: {time.time() - t0:.2f}s")
+    mismatch = next((i for i, (a, b) in enumerate(zip(reference, ours)) if a != b), None)
+    if mismatch is not None:
+        print(f"Mismatch at {mismatch}: reference {reference[mismatch]} vs engine {ours[mismatch]}")
+    # the Engine stops at <|assistant_end|>/<|bos|>; the reference always runs max_tokens
+    stopped = len(ours) < len(reference) and ours and ours[-1] in (ToolTokens(tokenizer).assistant_end,
+                                                                     tokenizer.get_bos_token_id())
+    match = mismatch is None and (len(ours) == len(reference) or bool(stopped))
+    print(f"Match: {match}")
+    return 0 if match else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,372 @@
+"""The chat server over a real uvicorn on 127.0.0.1: nanochat's SSE API, the OpenAI API (with the
+official client), validation, concurrency, disconnects, UTF-8 streaming and the UI."""
+import asyncio
+import json
+import os
+import queue
+import signal
+import shutil
+import subprocess
+import time
+
+import httpx
+import pytest
+from fastapi import Request
+
+from nanopipe.serve.app import create_app, render_prompt, run_in_thread
+from nanopipe.serve.engine import Engine, TextStream
+from serve_doubles import (ASSISTANT_END, BOS, ChatByteTokenizer, byte_level_tokenizer, scripted_reply_model,
+                           suppress_terminators, tiny_gpt)
+
+REPLY = "Hi é€😀!"  # multi-byte characters, streamed one byte (= one token) at a time
+
+
+def start(app):
+    server, thread, port = run_in_thread(app)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def stop(server, thread):
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    """Server whose model always answers REPLY (test double, sequential decoding)."""
+    app = create_app(scripted_reply_model(REPLY), ChatByteTokenizer(), {"max_batch": 4})
+    server, thread, url = start(app)
+    yield url
+    stop(server, thread)
+
+
+@pytest.fixture(scope="module")
+def gpt_model():
+    # a real tiny GPT with a 512-token context whose greedy stream never picks a terminator
+    return suppress_terminators(tiny_gpt(sequence_len=512, seed=5), [ASSISTANT_END, BOS])
+
+
+@pytest.fixture(scope="module")
+def real(gpt_model):
+    app = create_app(gpt_model, ChatByteTokenizer(), {"max_batch": 16, "temperature": 0.0})
+    server, thread, url = start(app)
+    yield url
+    stop(server, thread)
+
+
+def sse_events(response):
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            events.append(line[6:])
+        else:
+            assert line == "", f"unexpected SSE line {line!r}"
+    return events
+
+
+def chat(url, content="Hello", **params):
+    return {"messages": [{"role": "user", "content": content}], **params}
+
+# --- nanochat's API
+
+
+def test_health_stats_and_pages(scripted):
+    h = httpx.get(f"{scripted}/health").json()
+    assert h == {"status": "ok", "ready": True, "num_gpus": 1, "available_workers": 1}
+    s = httpx.get(f"{scripted}/stats").json()
+    assert {"total_workers", "available_workers", "busy_workers", "active", "queue_depth", "tokens_served",
+            "max_batch_seen", "workers"} <= set(s)
+    assert s["workers"][0]["device"] == "cpu"
+    page = httpx.get(f"{scripted}/")
+    assert page.status_code == 200 and "<title>NanoChat</title>" in page.text and "const API_URL = '';" in page.text
+    logo = httpx.get(f"{scripted}/logo.svg")
+    assert logo.status_code == 200 and logo.headers["content-type"].startswith("image/svg+xml")
+
+
+def test_sse_stream_utf8_safe(scripted):
+    with httpx.stream("POST", f"{scripted}/chat/completions", json=chat(scripted, temperature=0.0)) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = [json.loads(e) for e in sse_events(r)]
+    assert raw[-1] == {"done": True}
+    tokens = [e["token"] for e in raw[:-1]]
+    assert all(e["gpu"] == 0 for e in raw[:-1])
+    assert "".join(tokens) == REPLY
+    assert not any("\ufffd" in t for t in tokens), f"a delta split a character: {tokens}"
+    assert tokens == ["H", "i", " ", "é", "€", "😀", "!"]
+
+
+def test_text_stream_holds_partial_characters():
+    tok = ChatByteTokenizer()
+    ts = TextStream(tok)
+    out = [ts.push(b) for b in "€😀".encode()]
+    assert out == ["", "", "€", "", "", "", "😀"]
+    ts.push(0xE2)  # an unfinished character at the end is flushed as U+FFFD, not dropped
+    assert ts.flush() == "\ufffd"
+
+
+def test_max_tokens_truncates(scripted):
+    with httpx.stream("POST", f"{scripted}/chat/completions", json=chat(scripted, temperature=0.0, max_tokens=4)) as r:
+        raw = [json.loads(e) for e in sse_events(r)]
+    assert "".join(e.get("token", "") for e in raw) == "Hi \ufffd"  # 4th byte = half of 'é', flushed at the end
+    assert raw[-1] == {"done": True}
+
+# --- OpenAI API
+
+
+def test_openai_http_shapes(scripted):
+    body = {"model": "nanopipe", "messages": [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": [{"type": "text", "text": "Hello"}]}]}
+    r = httpx.post(f"{scripted}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["object"] == "chat.completion" and j["id"].startswith("chatcmpl-")
+    assert j["choices"][0]["message"] == {"role": "assistant", "content": REPLY}
+    assert j["choices"][0]["finish_reason"] == "stop"
+    prompt = render_prompt(ChatByteTokenizer(), [("user", "Be brief.\n\nHello")])
+    assert j["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(REPLY.encode()),
+                          "total_tokens": len(prompt) + len(REPLY.encode())}
+    r = httpx.post(f"{scripted}/v1/chat/completions", json={**chat(scripted), "max_tokens": 3})
+    assert r.json()["choices"][0]["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 3
+    with httpx.stream("POST", f"{scripted}/v1/chat/completions",
+                      json={**chat(scripted), "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    deltas = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
+    assert "".join(deltas) == REPLY and not any("\ufffd" in d for d in deltas)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(REPLY.encode())
+    models = httpx.get(f"{scripted}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "nanopipe"
+
+
+def test_official_openai_client(scripted, real):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{scripted}/v1", api_key="unused", max_retries=0)
+    out = client.chat.completions.create(model="nanopipe", messages=[{"role": "user", "content": "Hello"}])
+    assert out.choices[0].message.content == REPLY and out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == len(REPLY.encode())
+    stream = client.chat.completions.create(model="nanopipe", messages=[{"role": "user", "content": "Hello"}],
+                                            stream=True)
+    pieces, finish = [], None
+    for ch in stream:
+        if ch.choices:
+            pieces.append(ch.choices[0].delta.content or "")
+            finish = ch.choices[0].finish_reason or finish
+    assert "".join(pieces) == REPLY and finish == "stop"
+    assert [m.id for m in client.models.list()] == ["nanopipe"]
+    # against the real tiny GPT: streaming and not agree at temperature 0
+    client = openai.OpenAI(base_url=f"{real}/v1", api_key="unused", max_retries=0)
+    kw = dict(model="nanopipe", messages=[{"role": "user", "content": "Tell me"}], max_tokens=20, temperature=0)
+    full = client.chat.completions.create(**kw)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(stream=True, **kw)
+                       if ch.choices)
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 20
+    assert streamed == full.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="nanopipe", messages=[{"role": "user", "content": "x"}], temperature=3)
+    assert e.value.body["param"] == "temperature"
+
+# --- validation: every invalid request class is a 4xx naming the field
+
+LONG = "a" * 8001
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"messages": []}, 400, "At least one message"),
+    ({"messages": [{"role": "user", "content": "x"}] * 501}, 400, "Too many messages"),
+    ({"messages": [{"role": "user", "content": ""}]}, 400, "Message 0 has empty content"),
+    ({"messages": [{"role": "user", "content": LONG}]}, 400, "Message 0 is too long"),
+    ({"messages": [{"role": "user", "content": "a" * 8000}] * 5}, 400, "Total conversation is too long"),
+    ({"messages": [{"role": "system", "content": "x"}]}, 400, "Message 0 has invalid role"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, 400, "Temperature must be between"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -0.1}, 400, "Temperature must be between"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": 201}, 400, "top_k must be between"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens must be between"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4097}, 400, "max_tokens must be between"),
+    ({"messages": [{"role": "user", "content": "x" * 4000}]}, 400, "model's context"),
+    ({}, 422, "messages"),
+    ({"messages": [{"role": "user"}]}, 422, "content"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 422, "temperature"),
+    ({"messages": "hello"}, 422, "messages"),
+])
+def test_chat_validation(scripted, body, status, needle):
+    r = httpx.post(f"{scripted}/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": LONG}]}, "messages[1].content"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 9}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": -1}, "top_k"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5000}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0.5}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["\n"]}, "stop"),
+    ({"messages": [{"role": "user", "content": "x" * 4000}]}, "messages"),
+    ({}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"content": "x"}]}, "messages[0].role"),
+])
+def test_openai_validation(scripted, body, param):
+    r = httpx.post(f"{scripted}/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["message"]
+
+
+def test_invalid_json_is_4xx(scripted):
+    for path in ("/chat/completions", "/v1/chat/completions"):
+        r = httpx.post(f"{scripted}{path}", content=b"{not json", headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500, (path, r.status_code)
+
+
+def test_api_key(monkeypatch):
+    from fastapi.testclient import TestClient
+    monkeypatch.setenv("NANOPIPE_API_KEY", "sesame")
+    app = create_app(scripted_reply_model(REPLY), ChatByteTokenizer())
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
+        assert c.post("/chat/completions", json=chat("")).status_code == 401
+        r = c.post("/v1/chat/completions", json=chat(""), headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models").status_code == 401 and c.get("/stats").status_code == 401
+        ok = c.post("/v1/chat/completions", json=chat(""), headers={"Authorization": "Bearer sesame"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == REPLY
+
+# --- concurrency on the real tiny GPT
+
+
+async def _stream_one(client, url, content, max_tokens):
+    stamps, text = [], ""
+    async with client.stream("POST", f"{url}/chat/completions",
+                             json=chat(url, content, max_tokens=max_tokens, temperature=0.0)) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                ev = json.loads(line[6:])
+                if "token" in ev:
+                    stamps.append(time.perf_counter())
+                    text += ev["token"]
+                elif ev.get("done"):
+                    return text, stamps, True
+    return text, stamps, False
+
+
+def test_concurrent_streaming_clients_batch_together(real, gpt_model):
+    prompts = [f"client {i} says hello" for i in range(8)]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[_stream_one(client, real, p, 40) for p in prompts])
+    results = asyncio.run(main())
+    assert all(done for _, _, done in results)
+    # their decoding interleaved: every client got tokens while the others were still streaming
+    starts, ends = [s[0] for _, s, _ in results], [s[-1] for _, s, _ in results]
+    assert max(starts) < min(ends), "streams did not overlap"
+    assert httpx.get(f"{real}/stats").json()["max_batch_seen"] > 1
+    # and batching did not change a single token: compare with Engine.generate run alone
+    tok = ChatByteTokenizer()
+    engine = Engine(gpt_model, tok)
+    for p, (text, _, _) in zip(prompts, results):
+        prompt = render_prompt(tok, [("user", p)])
+        tokens = [c[0] for c, _ in engine.generate(prompt, max_tokens=40, temperature=0.0)]
+        assert text == tok.decode(tokens)
+
+
+def test_disconnect_mid_stream_frees_slot(real):
+    before = httpx.get(f"{real}/stats").json()["workers"][0]["requests_cancelled"]
+    with httpx.stream("POST", f"{real}/chat/completions", json=chat(real, "go on forever", max_tokens=4096)) as r:
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen += 1
+                if seen == 3:
+                    break  # leaving the block closes the connection mid-stream
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        st = httpx.get(f"{real}/stats").json()
+        if st["active"] == 0 and st["workers"][0]["requests_cancelled"] > before:
+            break
+        time.sleep(0.05)
+    assert st["active"] == 0 and st["workers"][0]["requests_cancelled"] == before + 1
+
+# --- the UI in headless Chromium
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+def test_ui_selftest_in_headless_chromium(gpt_model, tmp_path):
+    """Opens /?selftest=1 in headless Chromium: the page drives its own UI (health check, slash
+    commands, streaming, regenerate, edit & resend, /clear, new conversation, also mid-stream)
+    against a live server and POSTs its PASS/FAIL report to a route this test adds."""
+    app = create_app(gpt_model, ChatByteTokenizer(), {"temperature": 0.0})
+    reports = queue.Queue()
+
+    @app.post("/selftest-report")
+    async def report(request: Request):
+        reports.put((await request.body()).decode())
+        return {}
+    server, thread, url = start(app)
+    browser = subprocess.Popen([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                f"--user-data-dir={tmp_path}", f"{url}/?selftest=1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "HOME": str(tmp_path)})
+    try:
+        result = reports.get(timeout=150)
+    finally:
+        os.killpg(browser.pid, signal.SIGTERM)
+        browser.wait(30)
+        stop(server, thread)
+    assert result.startswith("SELFTEST PASS"), result
+
+
+def test_real_tokenizer_end_to_end(gpt_model):
+    """The nanopipe Tokenizer (its own special-token ids) behind the OpenAI route, in-process."""
+    from fastapi.testclient import TestClient
+    tok = byte_level_tokenizer()
+    model = tiny_gpt(vocab_size=tok.get_vocab_size(), sequence_len=128, seed=2)
+    with TestClient(create_app(model, tok, {"temperature": 0.0})) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        j = r.json()
+        prompt = render_prompt(tok, [("user", "Hi")])
+        assert prompt[0] == tok.get_bos_token_id() and prompt[-1] == tok.encode_special("<|assistant_start|>")
+        expected = []
+        for column, _ in Engine(model, tok).generate(prompt, max_tokens=8, temperature=0.0):
+            if column[0] in (tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()):
+                break
+            expected.append(column[0])
+        assert j["choices"][0]["message"]["content"] == tok.decode(expected)
+        assert j["usage"]["prompt_tokens"] == len(prompt) and j["usage"]["completion_tokens"] == len(expected)
+
+
+def test_config_from_omegaconf_and_worker_count():
+    from fastapi.testclient import TestClient
+    from omegaconf import OmegaConf
+
+    from nanopipe.serve.app import worker_models
+    cfg = OmegaConf.create({"host": "127.0.0.1", "port": 8000, "workers": 0, "max_batch": 3, "temperature": 0.0,
+                            "top_k": 50, "max_tokens": 4, "api_key": "", "source": "auto"})
+    with TestClient(create_app(scripted_reply_model(REPLY), ChatByteTokenizer(), cfg)) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.json()["choices"][0]["message"]["content"] == "Hi \ufffd"  # 4 tokens: "Hi " + half an é
+        assert c.get("/stats").json()["workers"][0]["max_batch"] == 3
+    with pytest.raises(ValueError, match="needs CUDA"):
+        worker_models(scripted_reply_model(REPLY), workers=2)

@@ -1,0 +1,75 @@
+"""Terminal chat (run_chat): one-shot and interactive loops, UTF-8 safe streaming, context trimming."""
+import io
+
+from nanopipe.serve.app import render_prompt
+from nanopipe.serve.chat_cli import run_chat
+from nanopipe.serve.engine import Engine
+from serve_doubles import ChatByteTokenizer, scripted_reply_model, tiny_gpt
+
+REPLY = "Hi é€😀!"
+
+
+class Recorder(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, s):
+        self.writes.append(s)
+        return super().write(s)
+
+
+def inputs(*lines):
+    it = iter(lines)
+
+    def fn(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError
+    return fn
+
+
+def test_one_shot_prompt_streams_valid_utf8():
+    out = Recorder()
+    replies = run_chat(scripted_reply_model(REPLY), ChatByteTokenizer(), prompt="Hello", output=out)
+    assert replies == [REPLY]
+    assert out.getvalue() == f"\nAssistant: {REPLY}\n"
+    assert not any("\ufffd" in w for w in out.writes)
+    assert len([w for w in out.writes if w in "Hi é€😀!"]) >= 5  # streamed piece by piece
+    # --prompt clear / quit are just prompts in one-shot mode (nanochat looped forever on 'clear')
+    assert run_chat(scripted_reply_model(REPLY), ChatByteTokenizer(), prompt="clear", output=io.StringIO()) == [REPLY]
+
+
+def test_interactive_loop_commands():
+    out = io.StringIO()
+    replies = run_chat(scripted_reply_model(REPLY), ChatByteTokenizer(),
+                       input_fn=inputs("Hello", "", "clear", "Again", "QUIT", "never read"), output=out)
+    text = out.getvalue()
+    assert replies == [REPLY, REPLY]
+    assert "NanoChat Interactive Mode" in text and "Type 'clear' to start a new conversation" in text
+    assert "Conversation cleared." in text and text.endswith("Goodbye!\n")
+    out = io.StringIO()
+    assert run_chat(scripted_reply_model(REPLY), ChatByteTokenizer(), input_fn=inputs(), output=out) == []
+    assert out.getvalue().endswith("\nGoodbye!\n")  # EOF
+
+
+def test_old_turns_are_dropped_to_fit_the_context():
+    out = io.StringIO()
+    msg = "x" * 50  # ~54 tokens per exchange with the reply; the double's context is 128
+    replies = run_chat(scripted_reply_model(REPLY), ChatByteTokenizer(), max_tokens=20,
+                       input_fn=inputs(msg, msg, msg, "y" * 200, "exit"), output=out)
+    assert len(replies) == 3
+    assert "oldest exchange" in out.getvalue() and "message too long" in out.getvalue()
+
+
+def test_real_gpt_reply_matches_engine():
+    model, tok = tiny_gpt(), ChatByteTokenizer()
+    replies = run_chat(model, tok, prompt="Hi", temperature=0.0, max_tokens=10, output=io.StringIO())
+    prompt = render_prompt(tok, [("user", "Hi")])
+    expected = []
+    for column, _ in Engine(model, tok).generate(prompt, max_tokens=10, temperature=0.0):
+        if column[0] in (260, 261):
+            break
+        expected.append(column[0])
+    assert replies == [tok.decode(expected)]

@@ -1,0 +1,54 @@
+"""The whole chain through real `dvc repro` on the smoke preset, in a temporary copy of the repo."""
+import json
+import sys
+
+import pytest
+
+from conftest import run
+
+CHAIN = ["download", "tokenizer", "tok_eval", "pretrain", "base_eval", "sft", "rl", "chat_eval", "report"]
+
+
+def _ran(out: str) -> list[str]:
+    return [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")]
+
+
+@pytest.mark.e2e
+def test_whole_chain_through_dvc(repo_copy):
+    repo = repo_copy("experiment=smoke")
+    out = run(["dvc", "repro"], repo, timeout=1500).stdout
+    assert _ran(out) == CHAIN, out
+
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    flat = json.dumps(metrics)
+    for key in ("train_rows", "bytes_per_token_val", "final_val_bpb", "val_bpb", "core_metric", "wall_time_s"):
+        assert f'"{key}"' in flat, key
+    import csv
+
+    val = [float(r["val_bpb"]) for r in csv.DictReader(open(repo / "metrics/pretrain/val.csv"))]
+    assert val[-1] < val[0], f"pretraining did not learn: val bpb {val}"
+    report = (repo / "metrics/report.md").read_text()
+    for stage in CHAIN[:-1]:
+        assert stage in report
+
+    # Nothing changed: nothing reruns.
+    assert _ran(run(["dvc", "repro"], repo).stdout) == []
+    # An SFT parameter reruns SFT and what depends on it, nothing upstream.
+    run([sys.executable, "-m", "nanopipe.cli", "compose", "experiment=smoke", "sft.matrix_lr=0.01"], repo)
+    assert _ran(run(["dvc", "repro"], repo, timeout=1500).stdout) == ["sft", "rl", "chat_eval", "report"]
+
+    # The plots render.
+    run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo)
+    assert (repo / "plots_html" / "index.html").exists()
+
+    # The CLI chat answers from the newest model.
+    p = run([sys.executable, "-m", "nanopipe.cli", "chat", "--prompt", "Who are you?"], repo)
+    assert p.stdout.strip()
+
+    # Every stage run is in MLflow.
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["nanopipe"])
+    assert set(runs["tags.stage"]) >= set(CHAIN)
+    assert (runs["status"] == "FINISHED").all()
