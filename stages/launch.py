@@ -24,7 +24,7 @@ def command(stage: str, torchrun: bool, runtime: dict) -> list[str]:
     cmd = [tr, f"--nproc-per-node={nproc}"]
     if nnodes > 1:
         cmd += [f"--nnodes={nnodes}", f"--node-rank={os.environ.get('NANOPIPE_NODE_RANK', '0')}",
-                f"--rdzv-backend={runtime.get('rdzv_backend', 'c10d')}", f"--rdzv-endpoint={runtime['rdzv_endpoint']}",
+                f"--rdzv-backend={runtime.get('rdzv_backend', 'static')}", f"--rdzv-endpoint={runtime['rdzv_endpoint']}",
                 f"--rdzv-id={runtime.get('rdzv_id', 'nanopipe')}"]
     else:
         cmd += ["--standalone"]

@@ -78,6 +78,13 @@ class Tracker:
             for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
                 logging.getLogger(name).setLevel(logging.WARNING)
             mlflow.set_tracking_uri(self.uri)
+            if self.uri.startswith("sqlite:") and mlflow.get_experiment_by_name(self.experiment) is None:
+                # Artifacts next to the store, not in the cwd: queued `dvc exp run`s execute in temp
+                # copies of the repo that DVC deletes afterwards.
+                try:
+                    mlflow.create_experiment(self.experiment, artifact_location=(repo_root() / "mlruns").as_uri())
+                except Exception:  # noqa: BLE001 - another stage may have created it meanwhile
+                    pass
             mlflow.set_experiment(self.experiment)
             run = mlflow.start_run(run_name=run_name, tags=dict(tags))
             self.run_id = run.info.run_id
