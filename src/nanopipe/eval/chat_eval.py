@@ -1,0 +1,225 @@
+"""The `chat_eval` stage (nanochat's chat_eval.py): task accuracies and ChatCORE of chat models.
+
+Each source in chat_eval.sources (models/sft, models/rl, ...) is evaluated on each task:
+- categorical tasks (ARC, MMLU): one batched forward over the prompts, then the argmax over
+  the logits of the answer letters at the <|assistant_start|> position (no sampling);
+- generative tasks (GSM8K, HumanEval, SpellingBee, Arithmetic): sample with the Engine
+  (calculator tool live), decode the completion and let the task grade it (HumanEval runs
+  the program in the sandbox); a problem passes if any of num_samples samples passes.
+Problems are sharded by rank and the counts all-reduced, so 1 and N ranks give the same totals.
+
+ChatCORE = mean over tasks of (accuracy - baseline) / (1 - baseline), baselines 0.25 for the
+multiple-choice tasks and 0 for the rest. nanochat reports it only when all six standard tasks
+ran; here it is computed over the tasks that ran and the metrics say which (ChatCORE_tasks,
+ChatCORE_complete). A remote task whose data cannot be had (offline, no local copy) is
+recorded as unavailable with the reason; a source whose checkpoint is missing is skipped with
+a note. Arithmetic is the embedded, offline GSM8K-format task, reported under its own name.
+
+Outputs: metrics/chat_eval.json ({source: {task: accuracy | null, ChatCORE, ...}}) and the
+report section.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from nanopipe import paths
+from nanopipe.model.checkpoint import load_model
+from nanopipe.runtime import get_dist_info
+from nanopipe.serve.engine import Engine
+from nanopipe.stage import Stage
+from nanopipe.tokenizer import load_tokenizer
+
+log = logging.getLogger("nanopipe.chat_eval")
+
+STANDARD_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")  # ChatCORE's six
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+             "SpellingBee": 0.0, "Arithmetic": 0.0}  # random-guess accuracy (0.25 even for 3/5-option ARC rows)
+
+
+def build_task(name: str, dataset_dir: str | None = None, cache_dir: str | None = None):
+    """The evaluation split of a task by name (nanochat's registry, plus Arithmetic)."""
+    from nanopipe import tasks
+
+    remote = dict(dataset_dir=dataset_dir or None, cache_dir=cache_dir)
+    registry = {
+        "ARC-Easy": lambda: tasks.ARC("ARC-Easy", "test", **remote),
+        "ARC-Challenge": lambda: tasks.ARC("ARC-Challenge", "test", **remote),
+        "MMLU": lambda: tasks.MMLU("all", "test", **remote),
+        "GSM8K": lambda: tasks.GSM8K("main", "test", **remote),
+        "HumanEval": lambda: tasks.HumanEval(),
+        "SpellingBee": lambda: tasks.SpellingBee(size=256, split="test"),
+        "Arithmetic": lambda: tasks.Arithmetic(size=256, split="test"),
+    }
+    if name not in registry:
+        raise ValueError(f"chat_eval.tasks: unknown task {name!r}; expected some of {list(registry)}")
+    return registry[name]()
+
+
+def _sum_across_ranks(values: list[int], device) -> list[int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _num_problems(task, max_problems: int | None) -> int:
+    return len(task) if max_problems is None or max_problems < 0 else min(len(task), max_problems)
+
+
+@torch.no_grad()
+def run_generative_eval(task, tokenizer, engine: Engine, num_samples: int, max_new_tokens: int, temperature: float,
+                        top_k: int | None, max_problems: int | None = None) -> tuple[int, int]:
+    """(passed, total) over the first max_problems problems, rank r taking r, r+world, ..."""
+    _, rank, _, world = get_dist_info()
+    device = torch.device(engine.model.get_device())
+    passed = total = 0
+    for i in range(rank, _num_problems(task, max_problems), world):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k)
+        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
+        passed += int(any(task.evaluate(conversation, c) for c in completions))
+        total += 1
+    passed, total = _sum_across_ranks([passed, total], device)
+    return passed, total
+
+
+@torch.no_grad()
+def run_categorical_eval(task, tokenizer, model, batch_size: int, max_problems: int | None = None) -> tuple[int, int]:
+    """(passed, total): argmax over the answer letters' logits at the last prompt position.
+
+    Batches of batch_size consecutive problems, right-padded with BOS; batch b runs on rank b % world."""
+    _, rank, _, world = get_dist_info()
+    device = torch.device(model.get_device())
+    bos = tokenizer.get_bos_token_id()
+    n = _num_problems(task, max_problems)
+    letter_ids: dict[str, int] = {}
+
+    def letter_id(letter: str) -> int:
+        if letter not in letter_ids:
+            ids = tokenizer.encode(letter)
+            if len(ids) != 1:
+                raise ValueError(f"{type(task).__name__}: answer letter {letter!r} encodes to {len(ids)} tokens {ids}; "
+                                 "categorical evaluation needs each letter to be a single token")
+            letter_ids[letter] = ids[0]
+        return letter_ids[letter]
+
+    passed = total = 0
+    for b in range(rank, -(-n // batch_size), world):
+        conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, n))]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+        logits = model(ids)  # (B, T, V)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            choice = logits[row, len(prompt) - 1, [letter_id(x) for x in letters]].argmax().item()
+            passed += int(bool(task.evaluate(conversation, letters[choice])))
+            total += 1
+    passed, total = _sum_across_ranks([passed, total], device)
+    return passed, total
+
+
+def chatcore(accuracies: dict[str, float]) -> tuple[float | None, list[str]]:
+    """Mean baseline-centred accuracy over the tasks given (those with a known baseline)."""
+    used = [t for t in accuracies if t in BASELINES and accuracies[t] is not None]
+    if not used:
+        return None, []
+    centred = [(accuracies[t] - BASELINES[t]) / (1.0 - BASELINES[t]) for t in used]
+    return sum(centred) / len(centred), used
+
+
+def evaluate_model(model, tokenizer, tasks: dict, c, autocast) -> dict:
+    """{task: {"accuracy", "passed", "total", "time_s"}} for one model over the loaded tasks."""
+    engine = Engine(model, tokenizer)
+    max_problems = None if c.max_problems < 0 else c.max_problems
+    out = {}
+    for name, task in tasks.items():
+        t0 = time.time()
+        with autocast():
+            if task.eval_type == "categorical":
+                passed, total = run_categorical_eval(task, tokenizer, model, c.batch_size, max_problems)
+            elif task.eval_type == "generative":
+                passed, total = run_generative_eval(task, tokenizer, engine, c.num_samples, c.max_new_tokens,
+                                                    c.temperature, c.top_k or None, max_problems)
+            else:
+                raise ValueError(f"task {name}: unsupported eval_type {task.eval_type!r}")
+        out[name] = {"accuracy": passed / total if total else None, "passed": passed, "total": total,
+                     "time_s": round(time.time() - t0, 3)}
+        log.info("%s: %d/%d (%.2f%%) in %.1f s", name, passed, total, 100 * passed / max(total, 1), out[name]["time_s"])
+    return out
+
+
+def main(cfg: DictConfig) -> None:
+    from nanopipe.tasks import DatasetUnavailableError
+    from nanopipe.train.loop import setup_device
+
+    c = cfg.chat_eval
+    for name in c.tasks:
+        if name not in BASELINES:
+            raise ValueError(f"chat_eval.tasks: unknown task {name!r}; expected some of {list(BASELINES)}")
+    for source in c.sources:
+        if source not in paths.CHECKPOINTS:
+            raise ValueError(f"chat_eval.sources: unknown source {source!r}; expected some of {list(paths.CHECKPOINTS)}")
+    if c.batch_size < 1 or c.num_samples < 1 or c.max_new_tokens < 1:
+        raise ValueError(f"chat_eval.batch_size, num_samples and max_new_tokens must be >= 1, got "
+                         f"{c.batch_size}, {c.num_samples}, {c.max_new_tokens}")
+    dev = setup_device(cfg)
+    with Stage("chat_eval", cfg, sections=["chat_eval"]) as st:
+        tokenizer = load_tokenizer(paths.TOKENIZER)
+        tasks, unavailable = {}, {}
+        for name in c.tasks:
+            try:
+                tasks[name] = build_task(name, c.dataset_dir)
+            except (DatasetUnavailableError, ImportError, FileNotFoundError) as e:
+                unavailable[name] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                log.warning("%s unavailable: %s", name, unavailable[name])
+
+        metrics: dict = {"tasks": ",".join(c.tasks), "unavailable": unavailable}
+        report = [f"- tasks: {', '.join(c.tasks)}; max problems per task: {'all' if c.max_problems < 0 else c.max_problems}",
+                  f"- generative sampling: temperature {c.temperature}, top-k {c.top_k}, {c.num_samples} sample(s), "
+                  f"max {c.max_new_tokens} new tokens; world size {dev.world_size}"]
+        report += [f"- {name}: unavailable ({reason})" for name, reason in unavailable.items()]
+        problems, seconds = 0, 0.0
+        for source in c.sources:
+            ckpt = paths.CHECKPOINTS[source]
+            if not (ckpt / "meta.json").exists():
+                note = f"{ckpt}: checkpoint not found; run the `{source}` stage to evaluate it"
+                log.warning("skipping source %s: %s", source, note)
+                metrics[source] = {"skipped": note}
+                report += ["", f"### {source}", "", f"Skipped: {note}"]
+                continue
+            model, meta = load_model(ckpt, dev.device, "eval", tokenizer=tokenizer)
+            results = evaluate_model(model, tokenizer, tasks, c, dev.autocast)
+            del model
+            accuracies = {name: results[name]["accuracy"] if name in results else None for name in c.tasks}
+            ran = {k: v for k, v in accuracies.items() if v is not None}
+            complete = all(t in ran for t in STANDARD_TASKS)  # then ChatCORE is nanochat's, over the six only
+            score, used = chatcore({t: ran[t] for t in STANDARD_TASKS} if complete else ran)
+            metrics[source] = {"step": meta.get("step"), **accuracies, "ChatCORE": score,
+                               "ChatCORE_tasks": ",".join(used), "ChatCORE_complete": complete,
+                               "counts": {k: {f: v[f] for f in ("passed", "total", "time_s")} for k, v in results.items()}}
+            problems += sum(v["total"] for v in results.values())
+            seconds += sum(v["time_s"] for v in results.values())
+            report += ["", f"### {source} ({ckpt}, step {meta.get('step')})", "",
+                       "| task | accuracy | centred | problems |", "|---|---:|---:|---:|"]
+            for name in c.tasks:
+                if name in results and results[name]["accuracy"] is not None:
+                    acc = results[name]["accuracy"]
+                    centred = (acc - BASELINES[name]) / (1 - BASELINES[name])
+                    report.append(f"| {name} | {acc:.4f} | {centred:.4f} | {results[name]['total']} |")
+                else:
+                    report.append(f"| {name} | unavailable | | 0 |")
+            scope = "over the six standard tasks" if complete else \
+                f"computed over {', '.join(used) or 'no task'} only, not the six standard tasks"
+            report += ["", f"ChatCORE: {'n/a' if score is None else f'{score:.4f}'} ({scope})"]
+        metrics["problems_per_s"] = problems / seconds if seconds > 0 else None
+        st.finish(metrics, "\n".join(report))
+    dev.close()
