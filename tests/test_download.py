@@ -143,7 +143,7 @@ def test_embedded_source_layout(tmp_path, monkeypatch):
     for s in m["shards"]:
         pf = pq.ParquetFile(Path("data/shards") / s["name"])
         assert pf.schema_arrow.names == ["text"]
-        assert all(pf.metadata.row_group(i).num_rows == 64 for i in range(pf.num_row_groups - 1))
+        assert all(pf.metadata.row_group(i).num_rows == 16 for i in range(pf.num_row_groups - 1))
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
     # Deterministic: same config -> byte-identical shards.
     first = {s["name"]: s["sha256"] for s in m["shards"]}

@@ -17,7 +17,6 @@ Typical use:
 """
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ import torch.nn.functional as F
 from nanopipe.model.attention import flash_attn
 from nanopipe.model.optim import DistMuonAdamW, MuonAdamW
 from nanopipe.runtime import print0
-
-logger = logging.getLogger(__name__)
 
 SOFTCAP = 15.0
 VE_GATE_CHANNELS = 32
