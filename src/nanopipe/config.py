@@ -127,62 +127,78 @@ class BaseEvalConfig:
 
 @dataclass
 class SFTConfig:
-    mixture: str = MISSING  # full (smoltalk+mmlu+gsm8k+spelling+identity) | embedded
+    # data: the conversation mixture (nanopipe.train.sft_data.build_mixture)
+    mixture: str = MISSING  # full (nanochat's: smoltalk+mmlu+gsm8k+spelling+identity) | embedded (offline)
+    identity_path: str = MISSING  # identity conversations (JSONL); "" = the set shipped in nanopipe.tasks
+    identity_epochs: int = MISSING  # copies of the identity set in the train mixture
+    gsm8k_epochs: int = MISSING  # copies of GSM8K train (full mixture only)
+    simple_spelling_examples: int = MISSING  # SimpleSpelling rows
+    spelling_bee_examples: int = MISSING  # SpellingBee rows
+    arithmetic_examples: int = MISSING  # synthetic arithmetic rows (0 = none)
+    val_examples: int = MISSING  # embedded mixture: rows of each synthetic task's test split for val loss
+    dataset_dir: str = MISSING  # local copies of the remote datasets (pre-filled cache); "" = the hub
+    # batch and horizon
+    max_seq_len: int = MISSING  # row length; -1: the base model's sequence_len
     device_batch_size: int = MISSING
-    total_batch_size: int = MISSING  # -1: from the base checkpoint's batch
-    num_iterations: int = MISSING  # -1: one epoch of the mixture
+    total_batch_size: int = MISSING  # tokens per optimizer step; -1: the base checkpoint's
+    num_iterations: int = MISSING  # > 0: exactly this many steps; -1: one epoch of the mixture
+    # optimizer and schedule (progress-based: constant, then warmdown over the last warmdown_ratio)
     embedding_lr: float = MISSING
     unembedding_lr: float = MISSING
     matrix_lr: float = MISSING
     scalar_lr: float = MISSING
-    weight_decay: float = MISSING
-    init_lr_frac: float = MISSING
+    weight_decay: float = MISSING  # Muon groups only (as nanochat)
+    init_lr_frac: float = MISSING  # every LR is multiplied by this once at the start
     warmup_ratio: float = MISSING
     warmdown_ratio: float = MISSING
     final_lr_frac: float = MISSING
-    eval_every: int = MISSING
+    # evaluation, checkpoints, logging
+    eval_every: int = MISSING  # val loss every N steps (<= 0: only at the end)
     eval_tokens: int = MISSING
-    max_seq_len: int = MISSING  # -1: the base model's
-    identity_epochs: int = MISSING
-    spelling_examples: int = MISSING
-    arithmetic_examples: int = MISSING
-    dataset_dir: str = MISSING  # local copies of the remote datasets (pre-filled cache); "" = the hub
+    save_every: int = MISSING  # resume checkpoint every N steps (-1: none)
+    log_every: int = MISSING
+    compile: str = MISSING  # auto (on for CUDA) | true | false
+    sample_tokens: int = MISSING  # max tokens of each greedy probe reply after training (0: no probes)
 
 
 @dataclass
 class RLConfig:
-    source: str = MISSING  # checkpoint to start from
-    task: str = MISSING  # gsm8k | arithmetic
+    source: str = MISSING  # checkpoint to start from: sft | base (models/<source>)
+    task: str = MISSING  # gsm8k (openai/gsm8k main) | arithmetic (embedded, offline)
+    train_examples: int = MISSING  # train questions used; -1 = the whole train split (arithmetic: 1000 generated)
+    arithmetic_max_steps: int = MISSING  # arithmetic task: at most this many operations per problem (1 = easiest)
     num_epochs: int = MISSING
-    num_steps: int = MISSING  # -1: one epoch of the task
-    examples_per_step: int = MISSING
-    num_samples: int = MISSING
-    device_batch_size: int = MISSING
+    num_steps: int = MISSING  # -1: num_epochs passes over the train questions
+    examples_per_step: int = MISSING  # questions per optimizer step, all ranks (divisible by the world size)
+    num_samples: int = MISSING  # completions per question: the group whose mean reward is the baseline
+    device_batch_size: int = MISSING  # sequences per generate call and per forward/backward pass
     max_new_tokens: int = MISSING
-    temperature: float = MISSING
-    top_k: int = MISSING
+    temperature: float = MISSING  # training rollouts (pass@k evals always sample at 1.0)
+    top_k: int = MISSING  # 0 = off
     embedding_lr: float = MISSING
     unembedding_lr: float = MISSING
     matrix_lr: float = MISSING
-    weight_decay: float = MISSING
-    init_lr_frac: float = MISSING
-    eval_every: int = MISSING
-    eval_examples: int = MISSING
-    pass_k: int = MISSING
-    dataset_dir: str = MISSING
+    weight_decay: float = MISSING  # reaches the Muon groups only (as nanochat)
+    init_lr_frac: float = MISSING  # LRs start at this fraction and decay linearly to 0
+    eval_every: int = MISSING  # pass@k every N steps, plus the start and the end; -1: start and end only
+    eval_examples: int = MISSING  # held-out questions for pass@k
+    pass_k: int = MISSING  # samples per held-out question: pass@1..pass@pass_k
+    save_every: int = MISSING  # in-progress checkpoint (models/resume/rl) every N steps; -1: none
+    dataset_dir: str = MISSING  # local copies of the remote datasets; "" = the hub / its cache
 
 
 @dataclass
 class ChatEvalConfig:
-    sources: list[str] = MISSING
+    sources: list[str] = MISSING  # checkpoints to evaluate (sft, rl, base); a missing one is skipped with a note
+    # ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee (ChatCORE's six), Arithmetic (offline GSM8K stand-in)
     tasks: list[str] = MISSING
     max_problems: int = MISSING  # per task; -1 = all
-    batch_size: int = MISSING
-    num_samples: int = MISSING
+    batch_size: int = MISSING  # categorical tasks: problems per forward pass
+    num_samples: int = MISSING  # generative tasks: a problem passes if any sample does
     max_new_tokens: int = MISSING
-    temperature: float = MISSING
+    temperature: float = MISSING  # 0 = greedy
     top_k: int = MISSING
-    dataset_dir: str = MISSING
+    dataset_dir: str = MISSING  # local copies of the remote datasets; "" = the hub / its cache
 
 
 @dataclass
@@ -200,8 +216,11 @@ class ServeConfig:
 
 @dataclass
 class ReportConfig:
-    gpu_hourly_rate: float = MISSING  # USD per GPU-hour, for the cost estimate
-    cpu_hourly_rate: float = MISSING
+    # Cost estimate: a stage costs wall hours x max(world size, gpus_per_node) x gpu_hourly_rate on GPUs
+    # (a node is billed whole), wall hours x cpu_hourly_rate on a CPU machine.
+    gpu_hourly_rate: float = MISSING  # USD per GPU-hour (nanochat: H100 3.00, A100 1.79, V100 0.55)
+    cpu_hourly_rate: float = MISSING  # USD per machine-hour of a CPU-only run
+    gpus_per_node: int = MISSING  # -1: the GPUs torch.cuda sees where the report runs; 0: price as CPU
 
 
 @dataclass

@@ -1,0 +1,338 @@
+"""The `sft` stage (nanochat's chat_sft.py): supervised fine-tuning of models/base into a chat model.
+
+The base model learns the chat format on a mixture of conversations (sft_data.build_mixture),
+packed best-fit into rows of max_seq_len + 1 tokens (sft_data.sft_batches). Differences from
+the seed, on purpose (spec decisions 1 and 2): only the assistant's tokens are supervised (the
+render mask), and over-long conversations are truncated and counted instead of clogging the
+packer. `num_iterations > 0` runs exactly that many steps (the mixture wraps around); -1 runs one
+epoch of it. The LR schedule is nanochat's SFT one over progress (constant, then a linear
+warmdown over the last `warmdown_ratio`), Muon momentum ramps 0.85 -> 0.95 over 300 steps.
+
+Resume: every `save_every` steps a full checkpoint (weights, optimizer, loader state, loop
+state) goes to models/resume/sft/; a rerun of the same config on the same base model continues
+from it. The final weights go to models/sft/ (the DVC output). After training, rank 0 samples
+the model greedily on a few probe prompts (identity, spelling, arithmetic) and records the
+replies and any format problems (`check_chat_format`) in the metrics and the report section.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import statistics
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from nanopipe import artifacts, paths
+from nanopipe.data.loader import gather_state_dicts
+from nanopipe.model.checkpoint import load_model, save_checkpoint
+from nanopipe.model.gpt import maybe_compile
+from nanopipe.stage import Stage
+from nanopipe.tokenizer import load_token_bytes, load_tokenizer
+from nanopipe.train.loop import Resume, StepMeter, apply_schedule, fingerprint, muon_momentum, setup_device
+from nanopipe.train.sft_data import COUNTERS, build_mixture, describe, fresh_state, pick_state, sft_batches
+
+log = logging.getLogger("nanopipe.sft")
+
+
+class PlanError(ValueError):
+    pass
+
+
+def plan(s: DictConfig, model, base_meta: dict, world_size: int) -> dict:
+    """Row length, micro-batch, total batch and gradient accumulation for this run."""
+    T = s.max_seq_len if s.max_seq_len > 0 else model.config.sequence_len
+    B = s.device_batch_size
+    if B < 1:
+        raise PlanError(f"sft.device_batch_size={B}: expected >= 1")
+    total = s.total_batch_size
+    if total <= 0:
+        total = base_meta.get("total_batch_size")
+        if not total:
+            raise PlanError("sft.total_batch_size=-1 takes the base checkpoint's total_batch_size, but "
+                            f"{paths.CHECKPOINTS['base']}/meta.json has none; set sft.total_batch_size")
+    per_step = B * T * world_size
+    if total % per_step:
+        raise PlanError(f"sft.total_batch_size={total} must be a multiple of sft.device_batch_size x max_seq_len x "
+                        f"world size = {B} x {T} x {world_size} = {per_step}")
+    if T > model.config.sequence_len:
+        log.warning("sft max_seq_len %d exceeds the base model's sequence_len %d (it was never trained on "
+                    "positions that far)", T, model.config.sequence_len)
+    return {"max_seq_len": T, "device_batch_size": B, "total_batch_size": total, "grad_accum_steps": total // per_step}
+
+
+def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
+    """nanochat's SFT schedule over progress in [0, 1] (the fraction done after this step):
+    optional linear warmup, constant, then a linear warmdown to final_lr_frac at progress 1."""
+    if warmup_ratio > 0 and progress < warmup_ratio:
+        return progress / warmup_ratio
+    if warmdown_ratio <= 0 or progress <= 1 - warmdown_ratio:
+        return 1.0
+    frac = max(0.0, 1 - progress) / warmdown_ratio
+    return frac + (1 - frac) * final_lr_frac
+
+
+@torch.no_grad()
+def evaluate(model, batches, steps: int, token_bytes: torch.Tensor, dev) -> dict:
+    """Mean loss per supervised token and bits per byte over `steps` batches (summed over ranks)."""
+    device = dev.device
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    sums = torch.zeros(4, dtype=dtype, device=device)  # nats, tokens, nats over bytes>0, bytes
+    for _ in range(steps):
+        x, y, _ = next(batches)
+        with dev.autocast():
+            loss = model(x, y, loss_reduction="none").view(-1).to(dtype)
+        y = y.view(-1)
+        valid = y >= 0
+        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
+        sums += torch.stack([torch.where(valid, loss, 0).sum(), valid.sum().to(dtype),
+                             torch.where(nbytes > 0, loss, 0).sum(), nbytes.sum().to(dtype)])
+    if dev.ddp:
+        dist.all_reduce(sums)
+    nats, count, byte_nats, nbytes = sums.tolist()
+    return {"val_loss": nats / count if count else float("inf"),
+            "val_bpb": byte_nats / (math.log(2) * nbytes) if nbytes else float("inf")}
+
+
+def _all_max(dev, value: float) -> float:
+    if not dev.ddp:
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=dev.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _all_sum(dev, values: dict) -> dict:
+    if not dev.ddp:
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=dev.device)
+    dist.all_reduce(t)
+    return {k: int(v) for k, v in zip(values, t.tolist())}
+
+
+# -----------------------------------------------------------------------------
+# Does the model answer in its chat format? (used after training, and by the tests)
+
+PROBES = [
+    ("identity", "Who are you?"),
+    ("identity", "What is your name?"),
+    ("spelling", "Spell the word: apple"),
+    ("spelling", "Spell the word: garden"),
+    ("arithmetic", "Mia has 12 apples. Mia buys 5 more apples. How many apples does Mia have now?"),
+]
+SPELLING_RE = re.compile(r"[a-z]+:[a-z](,[a-z])*")
+FINAL_ANSWER_RE = re.compile(r"#### -?[0-9][0-9.,]*")
+
+
+@torch.no_grad()
+def chat_samples(model, tokenizer, probes=PROBES, max_tokens: int = 256) -> list[dict]:
+    """Greedy replies (through the Engine, so the calculator tool runs) to each probe prompt.
+    Each: {kind, prompt, reply (decoded, tool calls included), finished (emitted <|assistant_end|>)}."""
+    from nanopipe.serve.engine import Engine
+
+    engine = Engine(model, tokenizer)
+    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    was_training = model.training
+    model.eval()
+    out = []
+    for kind, prompt in probes:
+        ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": prompt},
+                                                            {"role": "assistant", "content": ""}]})
+        reply, finished = [], False
+        for column, _ in engine.generate(ids, num_samples=1, max_tokens=max_tokens, temperature=0.0):
+            if column[0] in stop:
+                finished = True
+                break
+            reply.append(column[0])
+        out.append({"kind": kind, "prompt": prompt, "reply": tokenizer.decode(reply), "finished": finished})
+    model.train(was_training)
+    return out
+
+
+def format_problems(samples: list[dict]) -> list[str]:
+    """What is wrong with the FORMAT of each reply (not its content); empty when all is well."""
+    problems = []
+    for s in samples:
+        kind, reply, where = s["kind"], s["reply"].strip(), f"{s['kind']} probe {s['prompt']!r}"
+        if not s["finished"]:
+            problems.append(f"{where}: no <|assistant_end|> within the token budget (reply {reply[:80]!r}...)")
+        if not reply:
+            problems.append(f"{where}: empty reply")
+            continue
+        leaked = [t for t in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>") if t in reply]
+        if leaked:
+            problems.append(f"{where}: the reply contains {leaked}: {reply[:120]!r}")
+        if kind == "identity":
+            if "<|python_start|>" in reply:
+                problems.append(f"{where}: a tool call in an identity answer: {reply[:120]!r}")
+            if len(re.findall(r"[A-Za-z]+", reply)) < 3:
+                problems.append(f"{where}: expected a sentence, got {reply[:120]!r}")
+        elif kind == "spelling":
+            if not SPELLING_RE.fullmatch(reply):
+                problems.append(f"{where}: expected 'word:l,e,t,t,e,r,s', got {reply[:120]!r}")
+        elif kind == "arithmetic":
+            if not FINAL_ANSWER_RE.search(reply.splitlines()[-1]):
+                problems.append(f"{where}: expected a last line '#### <number>', got {reply[-120:]!r}")
+    return problems
+
+
+def check_chat_format(model, tokenizer, max_tokens: int = 256) -> list[str]:
+    """Greedy-sample the probes and list the format problems (empty: the model chats in its format)."""
+    return format_problems(chat_samples(model, tokenizer, max_tokens=max_tokens))
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+def main(cfg: DictConfig) -> None:
+    s = cfg.sft
+    dev = setup_device(cfg)
+    with Stage("sft", cfg, sections=["sft"]) as st:
+        tokenizer = load_tokenizer(paths.TOKENIZER)
+        token_bytes = load_token_bytes(paths.TOKENIZER, device=dev.device)
+        artifacts.require(paths.CHECKPOINTS["base"], "pretrain")
+        model, base_meta = load_model(paths.CHECKPOINTS["base"], dev.device, "train", tokenizer=tokenizer)
+        pl = plan(s, model, base_meta, dev.world_size)
+        B, T, accum = pl["device_batch_size"], pl["max_seq_len"], pl["grad_accum_steps"]
+        if base_meta.get("device_batch_size") and B > base_meta["device_batch_size"]:
+            log.warning("FOOTGUN WARNING: base model training used device_batch_size %d, sft.device_batch_size=%d "
+                        "may not fit in memory", base_meta["device_batch_size"], B)
+        log.info("tokens / micro-batch / rank: %d x %d = %s; total batch %s => gradient accumulation %d",
+                 B, T, f"{B * T:,}", f"{pl['total_batch_size']:,}", accum)
+        compile_on = dev.device.type == "cuda" if s.compile == "auto" else s.compile == "true"
+        train_model = maybe_compile(model, compile_on)
+        flops_per_token = model.estimate_flops()
+        optimizer = model.setup_optimizer(unembedding_lr=s.unembedding_lr, embedding_lr=s.embedding_lr,
+                                          matrix_lr=s.matrix_lr, weight_decay=s.weight_decay, scalar_lr=s.scalar_lr)
+        for group in optimizer.param_groups:
+            group["lr"] *= s.init_lr_frac
+            group["initial_lr"] = group["lr"]
+
+        train_ds, val_ds = build_mixture(s, "train"), build_mixture(s, "val")
+        mix = describe(train_ds)
+        log.info("train mixture: %s conversations %s; val: %s conversations %s",
+                 f"{len(train_ds):,}", mix, f"{len(val_ds):,}", describe(val_ds))
+
+        # Resume only from a checkpoint of this very run: same config, base model and tokenizer.
+        run_id = fingerprint(OmegaConf.to_container(s), cfg.runtime.seed, base_meta["files"]["model.pt"]["sha256"],
+                             artifacts.sha256_file(paths.TOKENIZER / "tokenizer.json"))
+        resume = Resume("sft", run_id)
+        meta = resume.load(model, optimizer)
+        step, loader_state = 0, None
+        loop = {"min_val_loss": None, "min_val_bpb": None, "smooth_train_loss": 0.0, "total_training_time": 0.0,
+                "progress": 0.0}
+        if meta is not None:
+            step, loader_state, loop = meta["step"], meta["dataloader_state_dict"], meta["loop_state"]
+            log.info("resuming from step %d (%s)", step, resume.latest())
+        resumed_from = step
+
+        N = s.num_iterations
+        loader = sft_batches(train_ds, tokenizer, B, T, dev.rank, dev.world_size, dev.device, state=loader_state)
+        x, y, next_state = next(loader)  # `loader_state` is the position before (x, y): what a resume replays from
+        # this rank's position and counters after the batches trained on so far
+        trained_state = fresh_state(dev.rank, dev.world_size) if loader_state is None else \
+            pick_state(loader_state, dev.rank, dev.world_size, quiet=True)
+        eval_steps = max(1, s.eval_tokens // (B * T * dev.world_size))
+        meter = StepMeter(N if N > 0 else None, step, pl["total_batch_size"], flops_per_token, dev, "sft",
+                          loop["smooth_train_loss"], loop["total_training_time"])
+        val, tok_rates, stats = {}, [], {}
+        st.log({"num_conversations": len(train_ds)}, step=step)
+        while True:
+            last = step >= N if N > 0 else loop["progress"] >= 1.0
+            if last or (s.eval_every > 0 and step % s.eval_every == 0):
+                val_loader = sft_batches(val_ds, tokenizer, B, T, dev.rank, dev.world_size, dev.device)
+                model.eval()
+                val = evaluate(model, val_loader, eval_steps, token_bytes, dev)
+                model.train()
+                val_loader.close()
+                for k in ("val_loss", "val_bpb"):
+                    best = loop[f"min_{k}"]
+                    loop[f"min_{k}"] = val[k] if best is None else min(best, val[k])
+                meter.bar.write(f"step {step:05d} | val loss {val['val_loss']:.4f} | val bpb {val['val_bpb']:.4f}") \
+                    if dev.master else None
+                flops = flops_per_token * pl["total_batch_size"] * step
+                st.log({**val, "total_training_flops": flops}, step=step, plot="val")
+            if not last and s.save_every > 0 and step > 0 and step != resumed_from and step % s.save_every == 0:
+                resume.save(step, model, optimizer, {"dataloader_state_dict": gather_state_dicts(loader_state),
+                                                     "loop_state": loop, "user_config": OmegaConf.to_container(s)})
+                st.flush_plots()
+            if last:
+                break
+
+            meter.start()
+            for _ in range(accum):
+                with dev.autocast():
+                    loss = train_model(x, y)
+                train_loss = loss.detach()
+                (loss / accum).backward()
+                loader_state = next_state
+                x, y, next_state = next(loader)
+            trained_state = loader_state
+            progress = (step + 1) / N if N > 0 else min(1.0, loader_state["consumed"] / len(train_ds))
+            loop["progress"] = progress = _all_max(dev, progress)  # every rank stops (and schedules) alike
+            lrm = lr_multiplier(progress, s.warmup_ratio, s.warmdown_ratio, s.final_lr_frac)
+            apply_schedule(optimizer, lrm, muon_momentum(step))
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            stats = meter.stop(step, dev.all_reduce_mean(train_loss.item()))
+            loop["smooth_train_loss"], loop["total_training_time"] = meter.smooth_loss, meter.train_time
+            if step - resumed_from > 1:
+                tok_rates.append(stats["tok_per_sec"])
+            if step % s.log_every == 0:
+                st.log({**stats, "lrm": lrm, "progress": progress, "epoch": loader_state["epoch"]}, step=step, plot="train")
+            step += 1
+        meter.close()
+        loader.close()
+
+        counts = _all_sum(dev, {k: trained_state[k] for k in COUNTERS})
+        final_meta = {"step": step, "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"), "max_seq_len": T,
+                      "device_batch_size": B, "total_batch_size": pl["total_batch_size"], "loop_state": loop,
+                      "base_step": base_meta.get("step"), "user_config": OmegaConf.to_container(s)}
+        save_checkpoint(paths.CHECKPOINTS["sft"], model, None, final_meta, save_rng=False)
+        resume.clear()
+
+        samples, problems = [], []
+        if dev.master and s.sample_tokens > 0:
+            samples = chat_samples(model, tokenizer, max_tokens=s.sample_tokens)
+            problems = format_problems(samples)
+            for p in problems:
+                log.warning("format: %s", p)
+        rows_tokens = counts["rows"] * (T + 1)
+        metrics = {
+            "step": step, "mixture": s.mixture, "num_conversations": len(train_ds), "mixture_rows": mix,
+            "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
+            "min_val_loss": loop["min_val_loss"], "min_val_bpb": loop["min_val_bpb"],
+            "train_loss": stats.get("loss_smooth"),
+            "conversations_trained": counts["conversations"], "truncated_conversations": counts["truncated"],
+            "skipped_conversations": counts["skipped"], "supervised_tokens": counts["supervised_tokens"],
+            "padding_fraction": counts["padding_tokens"] / rows_tokens if rows_tokens else None,
+            "epochs": _all_max(dev, trained_state["consumed"] / len(train_ds)),
+            "max_seq_len": T, "device_batch_size": B, "total_batch_size": pl["total_batch_size"],
+            "grad_accum_steps": accum, "tok_per_sec": statistics.median(tok_rates) if tok_rates else None,
+            "training_time_s": loop["total_training_time"], "peak_memory_mib": dev.max_memory_mib(),
+            "resumed_from_step": resumed_from or None, "format_problems": problems, "samples": samples,
+        }
+        report = "\n".join([
+            f"- mixture: {s.mixture}, {len(train_ds):,} conversations ({', '.join(f'{k} {v:,}' for k, v in mix.items())})",
+            f"- iterations: {step}, batch {pl['total_batch_size']:,} tokens (rows of {T}, grad accum {accum}), "
+            f"world size {dev.world_size}, {metrics['epochs']:.2f} epochs",
+            f"- conversations trained: {counts['conversations']:,}; truncated to the row: {counts['truncated']:,}; "
+            f"skipped (nothing supervised in the row): {counts['skipped']:,}",
+            f"- supervised tokens: {counts['supervised_tokens']:,}; padding: "
+            f"{100 * (metrics['padding_fraction'] or 0):.1f}% of row tokens",
+            f"- val loss: {_fmt(metrics['val_loss'])} (min {_fmt(loop['min_val_loss'])}); "
+            f"val bpb: {_fmt(metrics['val_bpb'])} (min {_fmt(loop['min_val_bpb'])})",
+            f"- median tok/s: {_fmt(metrics['tok_per_sec'], '.0f')}; training time: {loop['total_training_time']:.1f} s; "
+            f"peak memory {metrics['peak_memory_mib']:.0f} MiB",
+            f"- chat format: {'ok' if not problems else f'{len(problems)} problem(s)'}",
+            *(["", "Greedy replies:", ""] + [f"- {x['kind']}: {x['prompt']!r} -> {x['reply']!r}" for x in samples]
+              if samples else []),
+        ])
+        st.finish(metrics, report)
+    dev.close()
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
