@@ -10,7 +10,6 @@ with MLflow on and off, so the tracking cost is visible on its own.
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

@@ -76,7 +76,7 @@ def server(tmp_path):
 
 
 def _url_cfg(template, **extra):
-    over = [f"data.source=url", f"data.url_template='{template}'", "data.total_shards=3", "data.val_shard=2",
+    over = ["data.source=url", f"data.url_template='{template}'", "data.total_shards=3", "data.val_shard=2",
             "data.num_train_shards=2", "data.retries=3", "data.backoff=0.01", "data.workers=2", "tracking.enabled=false"]
     return make_cfg(*over, *[f"{k}={v}" for k, v in extra.items()])
 

@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf

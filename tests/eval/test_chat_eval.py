@@ -2,7 +2,6 @@
 HumanEval completions, ChatCORE centring, hub-schema fixtures through the real loading path, and the
 stage end to end (a missing source skipped, an unavailable task reported)."""
 import json
-from types import SimpleNamespace
 
 import datasets
 import pyarrow as pa
@@ -18,6 +17,7 @@ from nanopipe.model.gpt import config_from_depth, create_model
 from nanopipe.serve.engine import Engine
 from nanopipe.tasks import DatasetUnavailableError, HumanEval, Task
 from nanopipe.tokenizer import Tokenizer
+from doubles import ScriptedModel
 
 # hub schema (openai/gsm8k, allenai/ai2_arc, cais/mmlu), a few rows each
 GSM8K_TEST = [
@@ -80,28 +80,6 @@ class LetterModel:
             for t in range(ids.size(1)):
                 if ids[b, t] == self.ast:
                     logits[b, t, self.favour(ids[b, :t].tolist())] = 5.0
-        return logits
-
-
-class ScriptedModel:
-    """Engine double: after any prompt it emits script[i] as its i-th generated token (argmax)."""
-
-    def __init__(self, script, vocab_size):
-        self.script, self.vocab_size = script, vocab_size
-        self.config = SimpleNamespace(n_kv_head=1, n_head=1, n_embd=8, n_layer=1, sequence_len=8192)
-        self.prompt_len = 0
-
-    def get_device(self):
-        return torch.device("cpu")
-
-    def forward(self, ids, kv_cache=None):
-        B, T = ids.shape
-        if kv_cache.get_pos() == 0:
-            self.prompt_len = T
-        kv_cache.advance(T)
-        i = kv_cache.get_pos() - self.prompt_len
-        logits = torch.zeros(B, T, self.vocab_size)
-        logits[:, -1, self.script[min(i, len(self.script) - 1)]] = 50.0
         return logits
 
 

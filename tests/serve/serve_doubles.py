@@ -105,14 +105,6 @@ def tiny_gpt(vocab_size=265, sequence_len=64, n_layer=2, n_head=4, n_kv_head=2, 
     return model
 
 
-def gpt_available():
-    try:
-        import nanopipe.model.gpt  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def suppress_terminators(model, token_ids):
     """Make the given tokens (nearly) never the argmax: zero their lm_head rows so their logit is 0
     while some other logit is almost surely positive. Keeps greedy streams long in tests."""

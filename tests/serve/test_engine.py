@@ -6,9 +6,7 @@ import torch
 
 from nanopipe.serve.engine import (Engine, KVCache, eval_with_timeout, sample_next_token, use_calculator)
 from serve_doubles import (ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PROMPT, PYTHON_END, PYTHON_START,
-                           BigramModel, ByteTokenizer, ChatByteTokenizer, MockModel, gpt_available, tiny_gpt)
-
-needs_gpt = pytest.mark.skipif(not gpt_available(), reason="nanopipe.model.gpt is not written yet")
+                           BigramModel, ByteTokenizer, ChatByteTokenizer, MockModel, tiny_gpt)
 
 
 def engine():
@@ -188,7 +186,6 @@ def test_generate_batch_stops_rows_at_terminators():
 # --- the same against a real tiny GPT
 
 
-@needs_gpt
 def test_real_gpt_engine_matches_reference_generate():
     model = tiny_gpt()
     e = Engine(model, ChatByteTokenizer())
@@ -199,7 +196,6 @@ def test_real_gpt_engine_matches_reference_generate():
     assert n > 0 and got[:n] == ref[:n]
 
 
-@needs_gpt
 def test_real_gpt_determinism_samples_and_bounds():
     model = tiny_gpt()
     e = Engine(model, ChatByteTokenizer())
@@ -215,7 +211,6 @@ def test_real_gpt_determinism_samples_and_bounds():
     assert e.generate_batch(prompt, max_tokens=8, temperature=0.0)[0] == greedy[0]
 
 
-@needs_gpt
 def test_real_gpt_tool_call_forcing():
     """Steer a real GPT through python_start 6*7 python_end: the engine must inject
     <output_start>42<output_end> with mask 0 and feed it through the real forward."""
@@ -248,7 +243,6 @@ class ScriptedGPT:
         return logits
 
 
-@needs_gpt
 def test_engine_self_test_main_on_a_saved_checkpoint(tmp_path, capsys):
     """python -m nanopipe.serve.engine: reference generate vs Engine on a real checkpoint + tokenizer."""
     from nanopipe.model.checkpoint import save_checkpoint

@@ -8,12 +8,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import REPO, make_cfg
+from doubles import ScriptedModel
 from nanopipe import paths
 from nanopipe.model.checkpoint import load_model, save_checkpoint
 from nanopipe.model.gpt import GPTConfig, config_from_depth, create_model
@@ -34,28 +34,6 @@ def _one_thread():
 def byte_tokenizer():
     """The real Tokenizer with no merges: ids 0-255 are bytes, the 9 specials follow."""
     return Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
-
-
-class ScriptedModel:
-    """Engine double: after any prompt it emits script[i] as its i-th generated token (argmax)."""
-
-    def __init__(self, script, vocab_size):
-        self.script, self.vocab_size = script, vocab_size
-        self.config = SimpleNamespace(n_kv_head=1, n_head=1, n_embd=8, n_layer=1, sequence_len=4096)
-        self.prompt_len = 0
-
-    def get_device(self):
-        return torch.device("cpu")
-
-    def forward(self, ids, kv_cache=None):
-        B, T = ids.shape
-        if kv_cache.get_pos() == 0:
-            self.prompt_len = T
-        kv_cache.advance(T)
-        i = kv_cache.get_pos() - self.prompt_len
-        logits = torch.zeros(B, T, self.vocab_size)
-        logits[:, -1, self.script[min(i, len(self.script) - 1)]] = 50.0
-        return logits
 
 
 def test_rollout_keeps_sampled_stop_token_and_masks_forced_calculator_output():
