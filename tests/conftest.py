@@ -1,52 +1,10 @@
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-
-def make_cfg(*overrides: str):
-    """The validated config of conf/ composed with overrides (what params.yaml would hold)."""
-    from nanopipe.cli import compose_conf
-    from nanopipe.config import validate
-
-    return validate(compose_conf(list(overrides), conf_dir=REPO / "conf"), source="test config")
-
-
-def run(cmd, cwd, env=None, check=True, timeout=900):
-    full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "DVC_NO_ANALYTICS": "1", **(env or {})}
-    p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
-    return p
-
-
-REPO_FILES = ["dvc.yaml", "conf", "stages", "src", "pyproject.toml", ".dvcignore", ".gitignore"]
-
-
-def make_repo_copy(dest: Path, *overrides: str) -> Path:
-    """A fresh git+DVC repo holding this project's pipeline, with params composed from overrides."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in REPO_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    run(["git", "init", "-q"], dest)
-    run(["git", "config", "user.email", "t@t"], dest)
-    run(["git", "config", "user.name", "t"], dest)
-    run(["dvc", "init", "-q"], dest)
-    run(["dvc", "config", "hydra.enabled", "true"], dest)
-    run([sys.executable, "-m", "nanopipe.cli", "compose", *overrides], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "init"], dest)
-    return dest
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import make_repo_copy  # noqa: E402
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO, make_cfg
+from helpers import REPO, make_cfg
 from nanopipe.cli import compose_conf
 from nanopipe.config import ConfigError, validate
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_cfg
+from helpers import make_cfg
 from nanopipe import artifacts
 from nanopipe.data import download
 from nanopipe.data.shards import read_manifest, split_paths, verify_shard, write_shard

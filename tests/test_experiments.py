@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import make_repo_copy, run
+from helpers import make_repo_copy, run
 from nanopipe import experiments
 
 # ----------------------------------------------------------------------------- fabricated `dvc exp show --json`

@@ -3,7 +3,7 @@ import sys
 
 import yaml
 
-from conftest import REPO, run
+from helpers import REPO, run
 from nanopipe import paths
 
 

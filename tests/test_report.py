@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_cfg
+from helpers import make_cfg
 from nanopipe import paths, report
 
 NO_GPU = {"available": False, "count": 0}

@@ -76,6 +76,14 @@ class Stage:
             row = {"step": step, **metrics} if step is not None else dict(metrics)
             self._plots.setdefault(plot, []).append(row)
 
+    def plot_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """The plot rows logged so far (saved in resume checkpoints)."""
+        return {name: list(rows) for name, rows in self._plots.items()}
+
+    def restore_plots(self, rows: dict[str, list[dict[str, Any]]], before_step: int) -> None:
+        """Take back the rows of an interrupted run, up to the step it resumes from."""
+        self._plots = {name: [r for r in rs if r.get("step") is None or r["step"] < before_step] for name, rs in rows.items()}
+
     def flush_plots(self) -> None:
         """Rewrite the plot CSVs (atomically) from the rows logged so far."""
         if not self.rank0:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_cfg
+from helpers import make_cfg
 from nanopipe import paths
 from nanopipe.eval import chat_eval
 from nanopipe.model.checkpoint import save_checkpoint

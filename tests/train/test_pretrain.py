@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_cfg, run
+from helpers import make_cfg, run, subprocess_env
 from nanopipe.train import pretrain
 
 
@@ -19,7 +19,7 @@ def _ran(out: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory):
-    from conftest import make_repo_copy
+    from helpers import make_repo_copy
 
     repo = make_repo_copy(tmp_path_factory.mktemp("pretrain") / "repo", "experiment=smoke")
     run(["dvc", "repro", "tokenizer"], repo)
@@ -55,9 +55,7 @@ def test_kill9_resume_is_bit_identical(smoke_repo):
     assert not (repo / "models/resume/pretrain").exists()  # cleared after a successful run
 
     # Force a rerun and kill it (the whole process group, -9) right after its first checkpoint.
-    env = {**os.environ, "PYTHONPATH": str(repo.parent.parent), "DVC_NO_ANALYTICS": "1"}
-    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
-    proc = subprocess.Popen(["dvc", "repro", "-f", "-s", "pretrain"], cwd=repo, start_new_session=True,
+    proc = subprocess.Popen(["dvc", "repro", "-f", "-s", "pretrain"], cwd=repo, start_new_session=True, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = repo / "models/resume/pretrain/step_000004/meta.json"
     deadline = time.time() + 600
@@ -69,6 +67,8 @@ def test_kill9_resume_is_bit_identical(smoke_repo):
 
     p = run(["dvc", "repro", "pretrain"], repo)
     assert "resuming from step" in p.stderr, p.stderr[-3000:]
+    steps = [int(r["step"]) for r in csv.DictReader(open(repo / "metrics/pretrain/val.csv"))]
+    assert steps == [0, 6, 12]  # the curve from before the kill is kept, nothing is logged twice
     resumed = _weights(repo / "models/base")
     assert resumed.keys() == reference.keys()
     for k in reference:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, make_cfg
+from helpers import REPO, make_cfg
 from doubles import ScriptedModel
 from nanopipe import paths
 from nanopipe.model.checkpoint import load_model, save_checkpoint
@@ -197,7 +197,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
 RUNNER = """
 import sys
 sys.path.insert(0, {tests!r})
-from conftest import make_cfg
+from helpers import make_cfg
 from nanopipe.tasks import Arithmetic
 from nanopipe.train import rl
 Arithmetic.reward = lambda self, conversation, completion: float(len(completion) % 2)

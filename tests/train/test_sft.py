@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, make_cfg
+from helpers import REPO, make_cfg
 from nanopipe.tasks import IDENTITY_PATH
 from nanopipe.train import sft
 from nanopipe.train.sft_data import build_mixture, describe, render, sft_batches

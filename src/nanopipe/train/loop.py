@@ -28,6 +28,7 @@ from nanopipe import paths
 from nanopipe.model.checkpoint import find_last_step, load_checkpoint, save_checkpoint, step_dir
 from nanopipe.runtime import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
                               get_max_memory, get_peak_flops, synchronize)
+from nanopipe.stage import Stage
 
 log = logging.getLogger("nanopipe.train")
 
@@ -117,8 +118,9 @@ def fingerprint(*parts: Any) -> str:
 class Resume:
     """In-progress checkpoints of one stage, valid only for the run that wrote them."""
 
-    def __init__(self, stage: str, run_fingerprint: str, root: Path = paths.RESUME):
-        self.dir = root / stage
+    def __init__(self, stage: Stage, run_fingerprint: str, root: Path = paths.RESUME):
+        self.stage = stage
+        self.dir = root / stage.name
         self.fingerprint = run_fingerprint
 
     def latest(self) -> Path | None:
@@ -136,7 +138,9 @@ class Resume:
         ckpt = self.latest()
         if ckpt is None:
             return None
-        return load_checkpoint(ckpt, model, optimizer)
+        meta = load_checkpoint(ckpt, model, optimizer)
+        self.stage.restore_plots(meta.get("plots", {}), meta["step"])  # the curves so far, not just after the resume
+        return meta
 
     def save(self, step: int, model, optimizer, meta: dict) -> None:
         """Every rank calls this; the previous checkpoint is removed once the new one is on disk."""
@@ -144,7 +148,7 @@ class Resume:
         if not dist.is_initialized() or dist.get_rank() == 0:
             for stale in self.dir.glob(".step_*"):  # temp dirs of a save that was killed midway
                 shutil.rmtree(stale, ignore_errors=True)
-        save_checkpoint(step_dir(self.dir, step), model, optimizer, {**meta, "step": step, "fingerprint": self.fingerprint})
+        save_checkpoint(step_dir(self.dir, step), model, optimizer, {**meta, "step": step, "fingerprint": self.fingerprint, "plots": self.stage.plot_rows()})
         if dist.is_initialized():
             dist.barrier()
         if (not dist.is_initialized() or dist.get_rank() == 0) and previous is not None and previous != step:

@@ -118,7 +118,7 @@ def main(cfg: DictConfig) -> None:
         # Resume only from a checkpoint of this very run: same config, tokenizer and shards.
         run_id = fingerprint(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.pretrain), cfg.runtime.seed,
                              artifacts.sha256_file(paths.TOKENIZER / "tokenizer.json"), [s["sha256"] for s in manifest["shards"]])
-        resume = Resume("pretrain", run_id)
+        resume = Resume(st, run_id)
         meta = resume.load(model, optimizer)
         step, loader_state = 0, None
         loop = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}

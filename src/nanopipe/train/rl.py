@@ -204,7 +204,7 @@ def main(cfg: DictConfig) -> None:
         # Resume only a run with the same config, starting weights and tokenizer.
         run_id = fingerprint(OmegaConf.to_container(r), cfg.runtime.seed, src_meta["files"]["model.pt"]["sha256"],
                              artifacts.sha256_file(paths.TOKENIZER / "tokenizer.json"))
-        resume = Resume("rl", run_id)
+        resume = Resume(st, run_id)
         state = resume.load(model, optimizer)
         start = 0
         history = {"pass_at_k": [], "reward": []}

@@ -218,7 +218,7 @@ def main(cfg: DictConfig) -> None:
         # Resume only from a checkpoint of this very run: same config, base model and tokenizer.
         run_id = fingerprint(OmegaConf.to_container(s), cfg.runtime.seed, base_meta["files"]["model.pt"]["sha256"],
                              artifacts.sha256_file(paths.TOKENIZER / "tokenizer.json"))
-        resume = Resume("sft", run_id)
+        resume = Resume(st, run_id)
         meta = resume.load(model, optimizer)
         step, loader_state = 0, None
         loop = {"min_val_loss": None, "min_val_bpb": None, "smooth_train_loss": 0.0, "total_training_time": 0.0,

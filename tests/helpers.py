@@ -1,0 +1,54 @@
+"""Helpers shared by the test modules (import as `from helpers import ...`)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def make_cfg(*overrides: str):
+    """The validated config of conf/ composed with overrides (what params.yaml would hold)."""
+    from nanopipe.cli import compose_conf
+    from nanopipe.config import validate
+
+    return validate(compose_conf(list(overrides), conf_dir=REPO / "conf"), source="test config")
+
+
+def subprocess_env(extra=None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "DVC_NO_ANALYTICS": "1"}
+    # mlflow.set_tracking_uri() in an earlier test exports MLFLOW_TRACKING_URI; a repo copy uses its own store.
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return {**env, **(extra or {})}
+
+
+def run(cmd, cwd, env=None, check=True, timeout=900):
+    p = subprocess.run(cmd, cwd=cwd, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+REPO_FILES = ["dvc.yaml", "conf", "stages", "src", "pyproject.toml", ".dvcignore", ".gitignore"]
+
+
+def make_repo_copy(dest: Path, *overrides: str) -> Path:
+    """A fresh git+DVC repo holding this project's pipeline, with params composed from overrides."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in REPO_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    run(["git", "init", "-q"], dest)
+    run(["git", "config", "user.email", "t@t"], dest)
+    run(["git", "config", "user.name", "t"], dest)
+    run(["dvc", "init", "-q"], dest)
+    run(["dvc", "config", "hydra.enabled", "true"], dest)
+    run([sys.executable, "-m", "nanopipe.cli", "compose", *overrides], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "init"], dest)
+    return dest
