@@ -4,7 +4,7 @@
 
 Goals (issue 2): no-op `dvc repro` <= 2 s; per-stage fixed overhead (imports + Hydra +
 MLflow) <= 3 s; embedded shard build <= 30 s on 2 cores. The fixed overhead is measured
-as `nanopipe download` wall time minus the shard build time the stage itself reports,
+as `nanopipe download` wall time minus the shard build time the untracked stage reports,
 with MLflow on and off, so the tracking cost is visible on its own.
 """
 import json
@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import make_repo_copy, run  # noqa: E402
+from helpers import make_repo_copy, run  # noqa: E402
 
 
 def timed(cmd, cwd, env=None):
@@ -42,10 +42,13 @@ def main(repeats: int = 3) -> None:
     print(f"machine: {os.cpu_count()} cores; median of {repeats}")
     print(f"{'measure':<48}{'seconds':>10}{'goal':>8}")
     print(f"{'dvc repro (no-op, 1 stage up to date)':<48}{statistics.median(noop):>10.2f}{'<= 2':>8}")
-    for tracking, total, build in rows:
+    # MLflow starts on a background thread and slows the build a little (the GIL), so the overhead is
+    # taken against the build time of the untracked run.
+    build = dict((t, b) for t, _, b in rows)["false"]
+    print(f"{'embedded shard build (8 M chars, untracked)':<48}{build:>10.2f}{'<= 30':>8}")
+    for tracking, total, _ in rows:
         print(f"{f'download stage wall, tracking={tracking}':<48}{total:>10.2f}")
-        print(f"{f'  embedded shard build (8 M chars)':<48}{build:>10.2f}{'<= 30':>8}")
-        print(f"{f'  fixed overhead (wall - build)':<48}{total - build:>10.2f}{'<= 3':>8}")
+        print(f"{'  fixed overhead (wall - untracked build)':<48}{total - build:>10.2f}{'<= 3':>8}")
     print(f"{'python -c import nanopipe + mlflow':<48}{import_t:>10.2f}")
 
 

@@ -61,9 +61,8 @@ class Stage:
         self._t0 = time.time()
         exp = os.environ.get("DVC_EXP_NAME", "")
         tags = {"stage": self.name, "git_commit": git_commit(), "dvc_exp": exp or "workspace", "world_size": str(self.world_size)}
-        self.tracker.start(run_name=f"{exp}/{self.name}" if exp else self.name, tags=tags, params=self.params())
-        if self.rank0:
-            self.tracker.log_text(OmegaConf.to_yaml(self.cfg), "config.yaml")
+        self.tracker.start(run_name=f"{exp}/{self.name}" if exp else self.name, tags=tags, params=self.params(),
+                           texts={"config.yaml": OmegaConf.to_yaml(self.cfg)})
         log.info("stage %s: started (world size %d)", self.name, self.world_size)
         return self
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,7 +52,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """Thin wrapper over the MLflow fluent API; every call swallows tracking errors."""
+    """MLflow through its client API (thread-safe, explicit run id); every call swallows tracking errors."""
 
     def __init__(self, enabled: bool, uri: str | None, experiment: str, log_artifacts: bool = True):
         self.enabled = enabled
@@ -58,58 +60,77 @@ class Tracker:
         self.experiment = experiment
         self.log_artifacts = log_artifacts
         self.run_id: str | None = None
-        self._mlflow = None
+        self._client = None
+        self._starting: threading.Thread | None = None
 
-    def _call(self, what: str, fn, *args, **kwargs):
-        if not self.enabled or self._mlflow is None:
+    def start(self, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any], texts: Mapping[str, str] = {}) -> None:
+        """Open the run on a background thread: importing MLflow and opening its store take ~2 s,
+        which then overlap with the stage's own start-up. Every later call waits for it."""
+        if self.enabled:
+            self._starting = threading.Thread(target=self._start, args=(run_name, dict(tags), dict(params), dict(texts)), daemon=True)
+            self._starting.start()
+
+    def _start(self, run_name: str, tags: dict, params: dict, texts: dict) -> None:
+        try:
+            for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(self.uri)
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is not None:
+                exp_id = exp.experiment_id
+            else:
+                # Artifacts next to the store, not in the cwd: queued `dvc exp run`s execute in temp
+                # copies of the repo that DVC deletes afterwards.
+                location = (repo_root() / "mlruns").as_uri() if self.uri.startswith("sqlite:") else None
+                try:
+                    exp_id = client.create_experiment(self.experiment, artifact_location=location)
+                except Exception:  # noqa: BLE001 - another stage created it meanwhile
+                    exp_id = client.get_experiment_by_name(self.experiment).experiment_id
+            self.run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+            self._client = client
+        except Exception as e:  # noqa: BLE001
+            log.warning("MLflow unavailable at %s (%s: %s); this stage runs untracked", self.uri, type(e).__name__, e)
+            return
+        # MLflow caps param values at 6000 chars and a batch at 100 params.
+        items = [Param(k, str(v) if len(str(v)) <= 6000 else str(v)[:5990] + "...") for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call("log_batch", "log_batch", params=items[i : i + 100], wait=False)
+        for name, text in texts.items():
+            self.log_text(text, name, wait=False)
+
+    def _call(self, what: str, fn_name: str, *args, wait: bool = True, **kwargs):
+        if wait and self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        if self._client is None:
             return None
         try:
-            return fn(*args, **kwargs)
+            return getattr(self._client, fn_name)(self.run_id, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never break a stage
             log.warning("MLflow %s failed (%s: %s); continuing without it", what, type(e).__name__, e)
             return None
 
-    def start(self, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
-        try:
-            import mlflow
-
-            for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-            mlflow.set_tracking_uri(self.uri)
-            if self.uri.startswith("sqlite:") and mlflow.get_experiment_by_name(self.experiment) is None:
-                # Artifacts next to the store, not in the cwd: queued `dvc exp run`s execute in temp
-                # copies of the repo that DVC deletes afterwards.
-                try:
-                    mlflow.create_experiment(self.experiment, artifact_location=(repo_root() / "mlruns").as_uri())
-                except Exception:  # noqa: BLE001 - another stage may have created it meanwhile
-                    pass
-            mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=run_name, tags=dict(tags))
-            self.run_id = run.info.run_id
-            self._mlflow = mlflow
-        except Exception as e:  # noqa: BLE001
-            log.warning("MLflow unavailable at %s (%s: %s); this stage runs untracked", self.uri, type(e).__name__, e)
-            self._mlflow = None
-            return
-        # MLflow caps param values at 6000 chars; long lists are not worth truncating silently.
-        safe = {k: (str(v) if len(str(v)) <= 6000 else str(v)[:5990] + "...") for k, v in params.items()}
-        self._call("log_params", self._mlflow.log_params, safe)
-
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if numeric:
-            self._call("log_metrics", self._mlflow.log_metrics if self._mlflow else None, numeric, step=step)
+        from_numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if from_numbers and self.enabled:
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            batch = [Metric(k, v, ts, step or 0) for k, v in from_numbers.items()]
+            for i in range(0, len(batch), 1000):
+                self._call("log_metrics", "log_batch", metrics=batch[i : i + 1000])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.log_artifacts and Path(path).exists():
-            self._call("log_artifact", self._mlflow.log_artifact if self._mlflow else None, str(path), artifact_path)
+            self._call("log_artifact", "log_artifact", str(path), artifact_path)
 
-    def log_text(self, text: str, name: str) -> None:
+    def log_text(self, text: str, name: str, wait: bool = True) -> None:
         if self.log_artifacts:
-            self._call("log_text", self._mlflow.log_text if self._mlflow else None, text, name)
+            self._call("log_text", "log_text", text, name, wait=wait)
 
     def end(self, status: str = "FINISHED") -> None:
-        self._call("end_run", self._mlflow.end_run if self._mlflow else None, status=status)
-        self._mlflow = None
+        self._call("end_run", "set_terminated", status=status)
+        self._client = None
