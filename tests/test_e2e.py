@@ -1,10 +1,16 @@
 """The whole chain through real `dvc repro` on the smoke preset, in a temporary copy of the repo."""
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 
-from helpers import run
+from helpers import run, subprocess_env
 
 CHAIN = ["download", "tokenizer", "tok_eval", "pretrain", "base_eval", "sft", "rl", "chat_eval", "report"]
 
@@ -51,10 +57,39 @@ def test_whole_chain_through_dvc(repo_copy):
     p = run([sys.executable, "-m", "nanopipe.cli", "chat", "--prompt", "Who are you?"], repo)
     assert p.stdout.strip()
 
+    # The documented server command serves the trained model over HTTP (OpenAI-compatible route).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run([sys.executable, "-m", "nanopipe.cli", "compose", "experiment=smoke", "sft.matrix_lr=0.01", f"serve.port={port}"], repo)
+    server = subprocess.Popen(["dvc", "repro", "stages/serve/dvc.yaml"], cwd=repo, env=subprocess_env(),
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                       json={"model": "nanopipe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # DVC and the server under it; uvicorn shuts down cleanly
+        server.wait(timeout=30)
+        deadline = time.time() + 60
+        while time.time() < deadline:  # until every process of the group has exited
+            try:
+                os.killpg(server.pid, 0)
+                time.sleep(0.2)
+            except ProcessLookupError:
+                break
+
     # Every stage run is in MLflow.
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["nanopipe"])
-    assert set(runs["tags.stage"]) >= set(CHAIN)
+    assert set(runs["tags.stage"]) >= set(CHAIN) | {"serve"}
     assert (runs["status"] == "FINISHED").all()

@@ -42,9 +42,13 @@ def _load(cfg: DictConfig):
 
 def serve_main(cfg: DictConfig) -> None:
     from nanopipe.serve.app import serve
+    from nanopipe.stage import Stage
 
     model, tokenizer, dev = _load(cfg)
-    serve(model, tokenizer, cfg.serve, dtype=cfg.runtime.dtype)
+    # An MLflow run for the server's lifetime (its config and checkpoint); no metrics file: it has no outputs.
+    with Stage("serve", cfg, sections=["serve"]) as st:
+        st.tracker.log_text(str(checkpoint_dir(cfg.serve.source)), "checkpoint.txt")
+        serve(model, tokenizer, cfg.serve, dtype=cfg.runtime.dtype)
 
 
 def chat_main(cfg: DictConfig, options: list[str] = ()) -> None:
