@@ -76,7 +76,7 @@ def test_whole_chain_through_dvc(repo_copy):
                        json={"model": "nanopipe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # DVC and the server under it; uvicorn shuts down cleanly
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C to DVC and the server under it: a clean shutdown
         server.wait(timeout=30)
         deadline = time.time() + 60
         while time.time() < deadline:  # until every process of the group has exited
