@@ -6,12 +6,10 @@ and python_output parts) and ends with `#### answer`, so the same grading, the s
 and the same tool-use rendering apply. Knobs set the difficulty: the number of operations,
 the size of the numbers, and which operations appear.
 """
-import random
 
-from nanopipe.tasks.common import Task
+from nanopipe.tasks.common import SyntheticTask
 from nanopipe.tasks.gsm8k import answer_to_parts, grade_final_answer
 
-TEST_RANDOM_SEED_OFFSET = 10_000_000  # test problems come from a disjoint RNG stream (as SpellingBee)
 
 NAMES = ["Ava", "Ben", "Chloe", "Diego", "Emma", "Farah", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena", "Mateo",
          "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Uma", "Victor", "Wen", "Yara", "Zane"]
@@ -36,35 +34,23 @@ def calculator_output(expr):
     return str(eval(expr, {"__builtins__": {}}, {}))
 
 
-class Arithmetic(Task):
+class Arithmetic(SyntheticTask):
 
     def __init__(self, size=1000, split="train", min_steps=1, max_steps=3, max_number=100, max_factor=9,
                  ops="+-*/", **kwargs):
-        super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"Arithmetic split must be train|test, got {split!r}")
+        super().__init__(size, split, **kwargs)
         if not 1 <= min_steps <= max_steps:
             raise ValueError(f"Arithmetic needs 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
         if max_number < 2 or max_factor < 2:
             raise ValueError(f"Arithmetic needs max_number >= 2 and max_factor >= 2, got {max_number}, {max_factor}")
         if not set(ops) <= set("+-*/") or not set(ops) & set("+*"):
             raise ValueError(f"Arithmetic ops must be drawn from '+-*/' and include '+' or '*' (always applicable), got {ops!r}")
-        self.size = size
-        self.split = split
         self.min_steps, self.max_steps = min_steps, max_steps
         self.max_number, self.max_factor = max_number, max_factor
         self.ops = "".join(sorted(set(ops), key="+-*/".index))
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        seed = index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index
-        rng = random.Random(seed)
+        rng = self.example_rng(index)
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         steps = rng.randint(self.min_steps, self.max_steps)
         question, solution = [], []

@@ -56,6 +56,30 @@ class Task:
         return self.get_example(self.start + index * self.step)
 
 
+class SyntheticTask(Task):
+    """A generated task of `size` examples: example i comes from its own seeded RNG, with train and
+    test drawing from disjoint seed ranges, so any example can be regenerated on its own."""
+
+    TEST_RANDOM_SEED_OFFSET = 10_000_000
+
+    def __init__(self, size=1000, split="train", **kwargs):
+        super().__init__(**kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"{type(self).__name__} split must be train|test, got {split!r}")
+        self.size = size
+        self.split = split
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return self.size
+
+    def example_rng(self, index) -> random.Random:
+        return random.Random(index if self.split == "train" else self.TEST_RANDOM_SEED_OFFSET + index)
+
+
 class TaskMixture(Task):
     """All rows of all tasks, interleaved by one deterministic shuffle (Random(42)).
 

@@ -9,11 +9,10 @@ import functools
 import random
 import re
 
-from nanopipe.tasks.common import Task
+from nanopipe.tasks.common import SyntheticTask
 from nanopipe.tasks.gsm8k import extract_answer, grade_final_answer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-TEST_RANDOM_SEED_OFFSET = 10_000_000  # test examples come from a disjoint RNG stream
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # same as GSM8K's; extract_answer is shared
 
 # the order matters: rng.choice over this list must reproduce nanochat's examples
@@ -92,31 +91,15 @@ def load_words(words_path=None):
     return tuple(sorted(w for w in words if re.fullmatch(r"[a-z]+", w)))
 
 
-def _check_split(split):
-    if split not in ("train", "test"):
-        raise ValueError(f"SpellingBee split must be train|test, got {split!r}")
-
-
-class SpellingBee(Task):
+class SpellingBee(SyntheticTask):
     """'How many r are in strawberry?' answered by spelling, counting, a Python check and `#### n`."""
 
     def __init__(self, size=1000, split="train", words_path=None, **kwargs):
-        super().__init__(**kwargs)
-        _check_split(split)
-        self.size = size
-        self.split = split
+        super().__init__(size, split, **kwargs)
         self.words = load_words(words_path)  # file order, not shuffled (nanochat)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        seed = index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index
-        rng = random.Random(seed)
+        rng = self.example_rng(index)
         # the order of the rng calls below is part of the data definition: do not reorder
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)
@@ -158,28 +141,17 @@ class SpellingBee(Task):
         return float(self.evaluate(conversation, assistant_response))
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(SyntheticTask):
     """'Spell the word: apple' -> 'apple:a,p,p,l,e'. Training only (no evaluate)."""
 
     def __init__(self, size=1000, split="train", words_path=None, **kwargs):
-        super().__init__(**kwargs)
-        _check_split(split)
-        self.size = size
-        self.split = split
+        super().__init__(size, split, **kwargs)
         words = list(load_words(words_path))
         random.Random(42).shuffle(words)
         self.words = words
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        seed = index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index
-        rng = random.Random(seed)
+        rng = self.example_rng(index)
         word = rng.choice(self.words)
         messages = [
             {"role": "user", "content": f"Spell the word: {word}"},
