@@ -61,11 +61,21 @@ class Device:
         return get_max_memory(self.device) / 2**20
 
     def all_reduce_mean(self, value: float) -> float:
+        return self.all_reduce_sum([value])[0] / self.world_size
+
+    def all_reduce_max(self, value: float) -> float:
         if not self.ddp:
             return value
         t = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if not self.ddp:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return t.item() / self.world_size
+        return t.tolist()
 
     def close(self) -> None:
         compute_cleanup()

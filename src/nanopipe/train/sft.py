@@ -96,22 +96,6 @@ def evaluate(model, batches, steps: int, token_bytes: torch.Tensor, dev) -> dict
             "val_bpb": byte_nats / (math.log(2) * nbytes) if nbytes else float("inf")}
 
 
-def _all_max(dev, value: float) -> float:
-    if not dev.ddp:
-        return value
-    t = torch.tensor(value, dtype=torch.float64, device=dev.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
-def _all_sum(dev, values: dict) -> dict:
-    if not dev.ddp:
-        return dict(values)
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=dev.device)
-    dist.all_reduce(t)
-    return {k: int(v) for k, v in zip(values, t.tolist())}
-
-
 # -----------------------------------------------------------------------------
 # Does the model answer in its chat format? (used after training, and by the tests)
 
@@ -271,7 +255,7 @@ def main(cfg: DictConfig) -> None:
                 x, y, next_state = next(loader)
             trained_state = loader_state
             progress = (step + 1) / N if N > 0 else min(1.0, loader_state["consumed"] / len(train_ds))
-            loop["progress"] = progress = _all_max(dev, progress)  # every rank stops (and schedules) alike
+            loop["progress"] = progress = dev.all_reduce_max(progress)  # every rank stops (and schedules) alike
             lrm = lr_multiplier(progress, s.warmup_ratio, s.warmdown_ratio, s.final_lr_frac)
             apply_schedule(optimizer, lrm, muon_momentum(step))
             optimizer.step()
@@ -286,7 +270,7 @@ def main(cfg: DictConfig) -> None:
         meter.close()
         loader.close()
 
-        counts = _all_sum(dev, {k: trained_state[k] for k in COUNTERS})
+        counts = dict(zip(COUNTERS, map(int, dev.all_reduce_sum([trained_state[k] for k in COUNTERS]))))
         final_meta = {"step": step, "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"), "max_seq_len": T,
                       "device_batch_size": B, "total_batch_size": pl["total_batch_size"], "loop_state": loop,
                       "base_step": base_meta.get("step"), "user_config": OmegaConf.to_container(s)}
@@ -308,7 +292,7 @@ def main(cfg: DictConfig) -> None:
             "conversations_trained": counts["conversations"], "truncated_conversations": counts["truncated"],
             "skipped_conversations": counts["skipped"], "supervised_tokens": counts["supervised_tokens"],
             "padding_fraction": counts["padding_tokens"] / rows_tokens if rows_tokens else None,
-            "epochs": _all_max(dev, trained_state["consumed"] / len(train_ds)),
+            "epochs": dev.all_reduce_max(trained_state["consumed"] / len(train_ds)),
             "max_seq_len": T, "device_batch_size": B, "total_batch_size": pl["total_batch_size"],
             "grad_accum_steps": accum, "tok_per_sec": statistics.median(tok_rates) if tok_rates else None,
             "training_time_s": loop["total_training_time"], "peak_memory_mib": dev.max_memory_mib(),
