@@ -2,11 +2,11 @@
 the serving scheduler's batched decode with 1 and 8 concurrent requests (no HTTP).
 
 Model: depth 4 (n_embd 256, 2 heads of 128), vocab 4096, sequence_len 256, freshly initialised
-weights (decode speed does not depend on what the weights say); torch on 2 threads, fp32 CPU
-(bf16 autocast on CUDA). Each measurement: a 32-token prompt, 128 new tokens at temperature 1,
+weights (decode speed does not depend on what the weights say); torch on 2 threads, --dtype as
+runtime.dtype (auto: bf16 autocast on CUDA SM80+ and on CPUs with native bf16, fp32 elsewhere). Each measurement: a 32-token prompt, 128 new tokens at temperature 1,
 one warm-up run, then the median of --repeats runs. tok/s counts every row's tokens.
 
-    PYTHONPATH=src python bench/bench_engine.py [--threads 2] [--repeats 3] [--json out.json]
+    PYTHONPATH=src python bench/bench_engine.py [--threads 2] [--repeats 3] [--dtype auto] [--json out.json]
 
 Anchor (upstream nanochat on the 2-core dev machine, same model): ~620 tok/s at batch 1,
 ~3,080 tok/s at batch 8.
@@ -18,11 +18,11 @@ import json
 import statistics
 import threading
 import time
-from contextlib import nullcontext
 
 import torch
 
 from nanopipe.model.gpt import config_from_depth, create_model
+from nanopipe.runtime import autocast_ctx, compute_dtype
 from nanopipe.serve.engine import Engine
 from nanopipe.serve.scheduler import Scheduler
 
@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (as runtime.dtype)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,15 +104,16 @@ def main():
     engine = Engine(model, tokenizer)
     gen = torch.Generator().manual_seed(0)
     prompt = [tokenizer.get_bos_token_id()] + torch.randint(0, 256, (args.prompt_len - 1,), generator=gen).tolist()
-    autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    dtype = compute_dtype(device, args.dtype)
+    autocast = autocast_ctx(device, dtype)
 
-    results = {"device": str(device), "threads": args.threads, "depth": args.depth, "vocab_size": args.vocab_size,
+    results = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": args.threads, "depth": args.depth, "vocab_size": args.vocab_size,
                "prompt_len": args.prompt_len, "max_tokens": args.max_tokens}
     with autocast:
         for b in (1, 8):
             results[f"engine_batch{b}_tok_s"] = median_rate(
                 lambda r: time_engine(engine, prompt, b, args.max_tokens, seed=r), args.repeats)
-    sched = Scheduler(model, tokenizer, max_batch=16)
+    sched = Scheduler(model, tokenizer, max_batch=16, autocast_dtype=dtype)
     sched.start()
     try:
         for n in (1, 8):
@@ -121,7 +123,7 @@ def main():
     finally:
         sched.shutdown()
 
-    print(f"Engine decode, depth {args.depth}, vocab {args.vocab_size}, {args.threads} threads, {device}:")
+    print(f"Engine decode, depth {args.depth}, vocab {args.vocab_size}, {args.threads} threads, {device}, {results['dtype']}:")
     print(f"  Engine.generate  batch 1: {results['engine_batch1_tok_s']:8.0f} tok/s   (nanochat anchor ~620)")
     print(f"  Engine.generate  batch 8: {results['engine_batch8_tok_s']:8.0f} tok/s   (nanochat anchor ~3,080)")
     print(f"  Scheduler ({results['scheduler_mode']})  1 request : {results['scheduler_1req_tok_s']:8.0f} tok/s")

@@ -30,14 +30,28 @@ def test_peak_flops_unknown_is_inf_with_warning(caplog):
 def test_device_and_dtype_on_cpu():
     assert runtime.autodetect_device_type() == ("cuda" if torch.cuda.is_available() else
                                                 "mps" if torch.backends.mps.is_available() else "cpu")
-    assert runtime.compute_dtype("cpu") == torch.float32
+    native = runtime.cpu_has_native_bf16()
+    assert runtime.compute_dtype("cpu") == runtime.compute_dtype("cpu", "auto") == (torch.bfloat16 if native else torch.float32)
     assert runtime.compute_dtype("cpu", "bfloat16") == torch.bfloat16
-    assert runtime.compute_dtype("cpu", "auto") == torch.float32
+    assert runtime.compute_dtype("cpu", "float32") == torch.float32
     with pytest.raises(ValueError, match="unknown dtype override 'float8'"):
         runtime.compute_dtype("cpu", "float8")
-    with runtime.autocast_ctx("cpu", torch.bfloat16):
-        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32  # CPU trains in fp32
+    with runtime.autocast_ctx("cpu", torch.bfloat16):  # weights stay fp32, matmuls run in bf16
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    with runtime.autocast_ctx("cpu", torch.float32):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
     assert runtime.get_max_memory("cpu") == 0
+
+
+def test_native_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+    real_open = builtins.open
+    for flags, expected in (("fpu sse avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda f, *a, p=cpuinfo, **k: real_open(p if f == "/proc/cpuinfo" else f, *a, **k))
+        assert runtime.cpu_has_native_bf16() is expected
+        assert runtime.compute_dtype("cpu") == (torch.bfloat16 if expected else torch.float32)
 
 
 def test_dist_info_and_print0(monkeypatch, capsys):

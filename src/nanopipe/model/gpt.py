@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopipe.model.attention import flash_attn
+from nanopipe.model.fused_ce import linear_softcap_cross_entropy
 from nanopipe.model.optim import DistMuonAdamW, MuonAdamW
 from nanopipe.runtime import print0
 
@@ -124,6 +125,27 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+class _ReluSquared(torch.autograd.Function):
+    """relu(u)^2 saving only relu(u): backward is one fused 2*h*grad instead of autograd's pow and
+    threshold backwards (each a full pass over the 4x-wide hidden). Bit-identical to the plain ops."""
+
+    @staticmethod
+    def forward(ctx, u):
+        h = torch.relu(u)
+        ctx.save_for_backward(h)
+        return h.square()
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, = ctx.saved_tensors
+        return grad.mul(h).mul_(2)
+
+
+def relu_squared(u):
+    # torch.compile traces the plain ops better than a custom Function; eager runs the Function
+    return F.relu(u).square() if torch.compiler.is_compiling() else _ReluSquared.apply(u)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -131,7 +153,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -305,7 +327,9 @@ class GPT(nn.Module):
         assert self.cos.dtype == torch.bfloat16, "Rotary embeddings must be in bfloat16"
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         assert T0 + T <= self.cos.size(1), f"KV-cache position {T0}+{T} beyond the rotary cache ({self.cos.size(1)})"
-        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        # the tables are stored bf16 (nanochat); cast once here rather than promote in every layer
+        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else self.lm_head.weight.dtype
+        cos_sin = self.cos[:, T0:T0 + T].to(dtype), self.sin[:, T0:T0 + T].to(dtype)
         x = norm(self.transformer.wte(idx))
         x0 = x  # the normed embedding, mixed back into every layer
         for i, block in enumerate(self.transformer.h):
@@ -313,6 +337,11 @@ class GPT(nn.Module):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos_sin, self.window_sizes[i], kv_cache)
         x = norm(x)
+        if targets is not None and self._use_fused_ce(loss_reduction):
+            autocast = torch.is_autocast_enabled("cpu")
+            return linear_softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1),
+                                                self.config.vocab_size, SOFTCAP, loss_reduction,
+                                                torch.get_autocast_dtype("cpu") if autocast else None)
         logits = self.lm_head(x)
         logits = logits[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
@@ -320,6 +349,12 @@ class GPT(nn.Module):
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                    reduction=loss_reduction)
         return logits
+
+    def _use_fused_ce(self, reduction: str) -> bool:
+        # CPU only: on GPU, torch.compile fuses the plain path (nanochat's). Per-token losses with
+        # gradients (RL) need the logits graph.
+        return (self.lm_head.weight.device.type == "cpu" and not torch.compiler.is_compiling()
+                and (reduction == "mean" or not torch.is_grad_enabled()))
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
