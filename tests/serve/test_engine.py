@@ -57,6 +57,23 @@ def test_sample_next_token_rules():
     full = {sample_next_token(torch.zeros(1, 4), rng, 1.0, top_k=0).item() for _ in range(200)}
     assert full == {0, 1, 2, 3}
 
+
+def test_sampling_follows_the_distribution_per_row():
+    """Inverse-CDF sampling: each row draws from its own softmax; zero-probability tokens never come."""
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0], [0.0, 0.0, 0.5, 0.0, 0.5]])
+    logits = probs.clamp_min(1e-30).log()  # softmax(log p) = p; log 0 -> a finite, vanishing logit
+    logits[probs == 0] = float("-inf")
+    rng = torch.Generator().manual_seed(3)
+    n = 20000
+    draws = torch.cat([sample_next_token(logits, rng, 1.0) for _ in range(n)], dim=1)  # (2, n)
+    for row in range(2):
+        freq = torch.bincount(draws[row], minlength=5).float() / n
+        assert freq[probs[row] == 0].sum() == 0
+        torch.testing.assert_close(freq, probs[row], atol=0.015, rtol=0)  # ~4 sigma at n=20000
+    # seeded: the same generator state gives the same draws
+    a = sample_next_token(logits, torch.Generator().manual_seed(9), 0.7, top_k=3)
+    assert torch.equal(a, sample_next_token(logits, torch.Generator().manual_seed(9), 0.7, top_k=3))
+
 # --- Engine with doubles (nanochat's test_engine.py)
 
 

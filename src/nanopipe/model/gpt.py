@@ -327,8 +327,7 @@ class GPT(nn.Module):
         assert self.cos.dtype == torch.bfloat16, "Rotary embeddings must be in bfloat16"
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         assert T0 + T <= self.cos.size(1), f"KV-cache position {T0}+{T} beyond the rotary cache ({self.cos.size(1)})"
-        # the tables are stored bf16 (nanochat); cast once here rather than promote in every layer
-        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else self.lm_head.weight.dtype
+        dtype = self.rotary_dtype(idx.device.type)
         cos_sin = self.cos[:, T0:T0 + T].to(dtype), self.sin[:, T0:T0 + T].to(dtype)
         x = norm(self.transformer.wte(idx))
         x0 = x  # the normed embedding, mixed back into every layer
@@ -349,6 +348,13 @@ class GPT(nn.Module):
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                    reduction=loss_reduction)
         return logits
+
+    def rotary_dtype(self, device_type: str) -> torch.dtype:
+        """The dtype q/k reach the rotary in (autocast's, else the weights'). The tables are stored
+        bf16 (nanochat); casting them once per forward saves a promotion in every layer."""
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.lm_head.weight.dtype
 
     def _use_fused_ce(self, reduction: str) -> bool:
         # CPU only: on GPU, torch.compile fuses the plain path (nanochat's). Per-token losses with

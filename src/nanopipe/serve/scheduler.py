@@ -65,7 +65,8 @@ class BatchedGPTDecoder:
 
     @staticmethod
     def supports(model):
-        needed = ["transformer", "lm_head", "cos", "sin", "window_sizes", "value_embeds", "resid_lambdas", "x0_lambdas"]
+        needed = ["transformer", "lm_head", "cos", "sin", "window_sizes", "value_embeds", "resid_lambdas", "x0_lambdas",
+                  "rotary_dtype"]
         return all(hasattr(model, name) for name in needed) and hasattr(model.transformer, "h")
 
     def prefill(self, slot, tokens):
@@ -95,6 +96,8 @@ class BatchedGPTDecoder:
         rows = torch.arange(n, device=ids.device)
         x = norm(model.transformer.wte(idx))
         x0 = x
+        dtype = model.rotary_dtype(ids.device.type)
+        cos, sin = cos.to(dtype), sin.to(dtype)
         for i, block in enumerate(model.transformer.h):
             x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
             ve = model.value_embeds[str(i)](idx) if str(i) in model.value_embeds else None
