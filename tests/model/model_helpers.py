@@ -50,3 +50,19 @@ def schedule(optimizer, step: int, total: int = 10) -> None:
         if group["kind"] == "muon":
             group["momentum"] = 0.85 + 0.1 * min(1.0, step / 3)
             group["weight_decay"] = 0.1 * frac
+
+
+def train_steps(model, optimizer, steps: int, start: int = 0, next_batch=None) -> list[float]:
+    """`steps` scheduled optimizer steps; returns the losses. next_batch() gives each step's
+    (x, y); by default every step trains on the same `batch()`."""
+    fixed = batch() if next_batch is None else None
+    losses = []
+    for step in range(start, start + steps):
+        x, y = fixed if next_batch is None else next_batch()
+        schedule(optimizer, step)
+        loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

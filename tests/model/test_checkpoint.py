@@ -5,26 +5,23 @@ import random
 import pytest
 import torch
 
-from model_helpers import schedule, tiny_model
+from model_helpers import tiny_model
+from model_helpers import train_steps as helpers_train_steps
 from nanopipe.artifacts import sha256_file
 from nanopipe.model.checkpoint import (CheckpointError, find_last_step, load_checkpoint, load_model, read_meta,
                                        save_checkpoint, step_dir)
 
 
+def random_batch():
+    """Drawn from the global RNGs, so a resume is identical only if they are restored."""
+    x = torch.randint(0, 256, (2, 16))
+    y = torch.randint(0, 256, (2, 16))
+    y[0, random.randrange(16)] = -1
+    return x, y
+
+
 def train_steps(model, opt, steps, start=0):
-    """Random batches drawn from the global RNGs, so a resume is identical only if they are restored."""
-    losses = []
-    for step in range(start, start + steps):
-        x = torch.randint(0, 256, (2, 16))
-        y = torch.randint(0, 256, (2, 16))
-        y[0, random.randrange(16)] = -1
-        schedule(opt, step)
-        loss = model(x, y)
-        loss.backward()
-        opt.step()
-        model.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return helpers_train_steps(model, opt, steps, start, next_batch=random_batch)
 
 
 def saved(tmp_path, steps=2):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model_helpers import batch, schedule, tiny_model
+from model_helpers import batch, tiny_model, train_steps
 from nanopipe.model.optim import MuonAdamW, polar_express_coeffs
 
 
@@ -121,23 +121,10 @@ def test_group_validation():
         opt.step()
 
 
-def _train(model, opt, steps, start=0):
-    x, y = batch()
-    losses = []
-    for step in range(start, start + steps):
-        schedule(opt, step)
-        loss = model(x, y)
-        loss.backward()
-        opt.step()
-        model.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
 def test_state_dict_round_trip_continues_identically():
     m1 = tiny_model()
     o1 = m1.setup_optimizer(weight_decay=0.1)
-    _train(m1, o1, 2)
+    train_steps(m1, o1, 2)
     sd = o1.state_dict()
     assert sd["format"] == "nanopipe.muon_adamw.v1" and len(sd["param_groups"]) == len(o1.param_groups)
     m2 = tiny_model(seed=5)
@@ -145,7 +132,7 @@ def test_state_dict_round_trip_continues_identically():
     o2 = m2.setup_optimizer()
     o2.load_state_dict(sd)
     assert o2.param_groups[-1]["weight_decay"] == o1.param_groups[-1]["weight_decay"]
-    assert _train(m1, o1, 2, start=2) == _train(m2, o2, 2, start=2)
+    assert train_steps(m1, o1, 2, start=2) == train_steps(m2, o2, 2, start=2)
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
 

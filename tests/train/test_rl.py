@@ -175,18 +175,18 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     rl.main(smoke_cfg())
 
     monkeypatch.chdir(tmp_path / "resumed")
-    real_schedule = rl.apply_schedule
+    real_step = rl.optimizer_step
 
-    def crash_on_second_step(optimizer, lrm, *a, **k):
+    def crash_on_second_step(optimizer, model, lrm, *a, **k):
         if lrm < 1.0:
             raise KeyboardInterrupt("simulated interruption")
-        real_schedule(optimizer, lrm, *a, **k)
+        real_step(optimizer, model, lrm, *a, **k)
 
-    monkeypatch.setattr(rl, "apply_schedule", crash_on_second_step)
+    monkeypatch.setattr(rl, "optimizer_step", crash_on_second_step)
     with pytest.raises(KeyboardInterrupt):
         rl.main(smoke_cfg())
     assert (tmp_path / "resumed/models/resume/rl/step_000001/meta.json").exists()
-    monkeypatch.setattr(rl, "apply_schedule", real_schedule)
+    monkeypatch.setattr(rl, "optimizer_step", real_step)
     rl.main(smoke_cfg())
     assert json.loads((tmp_path / "resumed/metrics/rl.json").read_text())["resumed_from_step"] == 1
     a = torch.load(tmp_path / "clean/models/rl/model.pt", weights_only=True)

@@ -31,8 +31,9 @@ class _LinearSoftcapCE(torch.autograd.Function):
     def forward(ctx, x, weight, targets, vocab_size: int, softcap: float, mm_dtype):
         xm = x.to(mm_dtype)
         w = weight[:vocab_size].to(mm_dtype)  # padded rows never score: their logits are sliced off
-        n_valid = (targets != -1).sum()
-        row_scale = (targets != -1).float() / n_valid.clamp_min(1)  # mean over valid targets
+        valid_rows = targets != -1
+        n_valid = valid_rows.sum()
+        row_scale = valid_rows.float() / n_valid.clamp_min(1)  # mean over valid targets
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros_like(weight) if need_grad else None
@@ -41,7 +42,7 @@ class _LinearSoftcapCE(torch.autograd.Function):
             xc, tc = xm[s:s + CHUNK_ROWS], targets[s:s + CHUNK_ROWS]
             t, logits = _chunk_logits(xc, w, softcap)
             lse = torch.logsumexp(logits, dim=1)
-            valid = tc != -1
+            valid = valid_rows[s:s + CHUNK_ROWS]
             safe_t = tc.clamp_min(0).unsqueeze(1)
             total += ((lse - logits.gather(1, safe_t).squeeze(1)) * valid).sum()
             if need_grad:

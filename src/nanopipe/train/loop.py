@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,13 @@ def apply_schedule(optimizer, lrm: float, momentum: float | None = None, weight_
                 group["weight_decay"] = weight_decay
 
 
+def optimizer_step(optimizer, model, lrm: float, momentum: float | None = None, weight_decay: float | None = None) -> None:
+    """Set this step's schedules, step, and free the grads."""
+    apply_schedule(optimizer, lrm, momentum, weight_decay)
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+
 def fingerprint(*parts: Any) -> str:
     """A stable hash of config sections / input hashes identifying one training run."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
@@ -178,6 +186,7 @@ class StepMeter:
         self.smooth_loss, self.train_time, self.step0 = smooth_loss, train_time, start_step
         self.bar = tqdm(total=num_iterations, initial=start_step, desc=desc, disable=not dev.master or None, dynamic_ncols=True)
         self._t = 0.0
+        self.tok_rates: list[float] = []  # steady-state steps only
 
     def start(self) -> None:
         self.dev.sync()
@@ -189,13 +198,21 @@ class StepMeter:
         dt = time.time() - self._t
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
         debiased = self.smooth_loss / (1 - 0.9 ** (step + 1))
+        tok_s = self.tokens_per_step / dt
         if step - self.step0 > 1:  # the first steps include warm-up/compile time
             self.train_time += dt
-        tok_s = self.tokens_per_step / dt
+            self.tok_rates.append(tok_s)
         mfu = 100 * self.flops_per_token * tok_s / (self.dev.peak_flops * self.dev.world_size)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{debiased:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1f}%", refresh=False)
         return {"loss": loss, "loss_smooth": debiased, "dt_ms": dt * 1000, "tok_per_sec": tok_s, "mfu": mfu}
+
+    def loop_state(self) -> dict:
+        """What a resume needs to continue the smoothed loss and the training time."""
+        return {"smooth_train_loss": self.smooth_loss, "total_training_time": self.train_time}
+
+    def median_tok_per_sec(self) -> float | None:
+        return statistics.median(self.tok_rates) if self.tok_rates else None
 
     def close(self) -> None:
         self.bar.close()

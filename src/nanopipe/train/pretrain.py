@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import statistics
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +27,7 @@ from nanopipe.model.checkpoint import save_checkpoint
 from nanopipe.model.gpt import config_from_depth, create_model, maybe_compile
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import load_token_bytes, load_tokenizer
-from nanopipe.train.loop import Resume, StepMeter, apply_schedule, fingerprint, lr_multiplier, muon_momentum, setup_device
+from nanopipe.train.loop import Resume, StepMeter, fingerprint, lr_multiplier, muon_momentum, optimizer_step, setup_device
 
 log = logging.getLogger("nanopipe.pretrain")
 B_REF = 2**19  # tokens per step of the d12 reference run
@@ -134,7 +133,7 @@ def main(cfg: DictConfig) -> None:
         x, y, next_state = next(loader)  # `loader_state` is the position before (x, y): what a resume replays from
         meter = StepMeter(N, step, pl["total_batch_size"], pl["flops_per_token"], dev, "pretrain",
                           loop["smooth_train_loss"], loop["total_training_time"])
-        val_bpb, core, samples, tok_rates = None, {"core_metric": None}, [], []
+        val_bpb, core, samples = None, {"core_metric": None}, []
         st.log({"num_params": pl["num_params"], "num_iterations": N}, step=step)
         while True:
             last = step == N
@@ -167,13 +166,9 @@ def main(cfg: DictConfig) -> None:
                 loader_state = gather_state_dicts(next_state)
                 x, y, next_state = next(loader)
             lrm = lr_multiplier(step, N, p.warmup_ratio, p.warmdown_ratio, p.final_lr_frac)
-            apply_schedule(optimizer, lrm, muon_momentum(step), pl["weight_decay"] * (1 - step / N))
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, model, lrm, muon_momentum(step), pl["weight_decay"] * (1 - step / N))
             stats = meter.stop(step, dev.all_reduce_mean(train_loss.item()))
-            loop["smooth_train_loss"], loop["total_training_time"] = meter.smooth_loss, meter.train_time
-            if step - resumed_from > 1:
-                tok_rates.append(stats["tok_per_sec"])
+            loop.update(meter.loop_state())
             if step % p.log_every == 0:
                 st.log({**stats, "lrm": lrm}, step=step, plot="train")
             if step == resumed_from:  # Python's GC otherwise stalls steps for ~0.5 s at a time
@@ -197,8 +192,8 @@ def main(cfg: DictConfig) -> None:
             "weight_decay": pl["weight_decay"], "final_val_bpb": val_bpb,
             "min_val_bpb": loop["min_val_bpb"] if math.isfinite(loop["min_val_bpb"]) else None,
             "core_metric": core.get("core_metric"), "train_loss": meter.smooth_loss / (1 - 0.9 ** max(step, 1)),
-            "tok_per_sec": statistics.median(tok_rates) if tok_rates else None,
-            "mfu": None if not math.isfinite(dev.peak_flops) else 100 * pl["flops_per_token"] * statistics.median(tok_rates or [0]) / (dev.peak_flops * dev.world_size),
+            "tok_per_sec": meter.median_tok_per_sec(),
+            "mfu": None if not math.isfinite(dev.peak_flops) else 100 * pl["flops_per_token"] * (meter.median_tok_per_sec() or 0) / (dev.peak_flops * dev.world_size),
             "training_time_s": loop["total_training_time"], "peak_memory_mib": dev.max_memory_mib(),
             "resumed_from_step": resumed_from or None, "param_counts": pl["param_counts"],
         }

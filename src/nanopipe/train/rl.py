@@ -36,7 +36,7 @@ from nanopipe.model.checkpoint import load_model, save_checkpoint
 from nanopipe.serve.engine import Engine
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import load_tokenizer
-from nanopipe.train.loop import Resume, apply_schedule, fingerprint, setup_device
+from nanopipe.train.loop import Resume, fingerprint, optimizer_step, setup_device
 
 log = logging.getLogger("nanopipe.rl")
 ARITHMETIC_TRAIN_SIZE = 1000  # generated train problems when rl.train_examples = -1
@@ -265,9 +265,7 @@ def main(cfg: DictConfig) -> None:
                      "completion_length": dev.all_reduce_mean(statistics.fmean(completion_lens)),
                      "stopped_frac": dev.all_reduce_mean(statistics.fmean(stops))}
             lrm = 1.0 - step / num_steps
-            apply_schedule(optimizer, lrm)
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, model, lrm)
             step_times.append(time.time() - t_step)
             history["reward"].append({"step": step, **stats})
             st.log({**stats, "lrm": lrm, "step_time_s": step_times[-1]}, step=step, plot="reward")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import statistics
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ from nanopipe.model.checkpoint import load_model, save_checkpoint
 from nanopipe.model.gpt import maybe_compile
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import load_token_bytes, load_tokenizer
-from nanopipe.train.loop import Resume, StepMeter, apply_schedule, fingerprint, muon_momentum, setup_device
+from nanopipe.train.loop import Resume, StepMeter, fingerprint, muon_momentum, optimizer_step, setup_device
 from nanopipe.train.sft_data import COUNTERS, build_mixture, describe, fresh_state, pick_state, sft_batches
 
 log = logging.getLogger("nanopipe.sft")
@@ -221,7 +220,7 @@ def main(cfg: DictConfig) -> None:
         eval_steps = max(1, s.eval_tokens // (B * T * dev.world_size))
         meter = StepMeter(N if N > 0 else None, step, pl["total_batch_size"], flops_per_token, dev, "sft",
                           loop["smooth_train_loss"], loop["total_training_time"])
-        val, tok_rates, stats = {}, [], {}
+        val, stats = {}, {}
         st.log({"num_conversations": len(train_ds)}, step=step)
         while True:
             last = step >= N if N > 0 else loop["progress"] >= 1.0
@@ -257,13 +256,9 @@ def main(cfg: DictConfig) -> None:
             progress = (step + 1) / N if N > 0 else min(1.0, loader_state["consumed"] / len(train_ds))
             loop["progress"] = progress = dev.all_reduce_max(progress)  # every rank stops (and schedules) alike
             lrm = lr_multiplier(progress, s.warmup_ratio, s.warmdown_ratio, s.final_lr_frac)
-            apply_schedule(optimizer, lrm, muon_momentum(step))
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, model, lrm, muon_momentum(step))
             stats = meter.stop(step, dev.all_reduce_mean(train_loss.item()))
-            loop["smooth_train_loss"], loop["total_training_time"] = meter.smooth_loss, meter.train_time
-            if step - resumed_from > 1:
-                tok_rates.append(stats["tok_per_sec"])
+            loop.update(meter.loop_state())
             if step % s.log_every == 0:
                 st.log({**stats, "lrm": lrm, "progress": progress, "epoch": loader_state["epoch"]}, step=step, plot="train")
             step += 1
@@ -294,7 +289,7 @@ def main(cfg: DictConfig) -> None:
             "padding_fraction": counts["padding_tokens"] / rows_tokens if rows_tokens else None,
             "epochs": dev.all_reduce_max(trained_state["consumed"] / len(train_ds)),
             "max_seq_len": T, "device_batch_size": B, "total_batch_size": pl["total_batch_size"],
-            "grad_accum_steps": accum, "tok_per_sec": statistics.median(tok_rates) if tok_rates else None,
+            "grad_accum_steps": accum, "tok_per_sec": meter.median_tok_per_sec(),
             "training_time_s": loop["total_training_time"], "peak_memory_mib": dev.max_memory_mib(),
             "resumed_from_step": resumed_from or None, "format_problems": problems, "samples": samples,
         }
