@@ -23,8 +23,8 @@ import torch
 
 from nanopipe.model.gpt import config_from_depth, create_model
 from nanopipe.runtime import autocast_ctx, compute_dtype
-from nanopipe.serve.engine import Engine
-from nanopipe.serve.scheduler import Scheduler
+from nanopipe.inference.engine import Engine
+from nanopipe.serving.scheduler import Scheduler
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]

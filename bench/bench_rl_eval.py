@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from nanopipe.eval import chat_eval
+from nanopipe.eval import chatcore as chat_eval
 from nanopipe.model.checkpoint import load_model
 from nanopipe.model.gpt import config_from_depth, create_model
-from nanopipe.serve.engine import Engine
+from nanopipe.inference.engine import Engine
 from nanopipe.tasks import Arithmetic, SpellingBee, Task, render_mc
 from nanopipe.tokenizer import Tokenizer, load_tokenizer
 from nanopipe.train import rl

@@ -1,10 +1,11 @@
 """Serving benchmark: aggregate decode tok/s and first-token latency of the chat server with 1, 8
 and 16 concurrent streaming clients, against a one-request-at-a-time baseline in the same run.
 
-The server runs in a child process (uvicorn on 127.0.0.1, the app of nanopipe.serve.app with a
+The server runs in a child process (uvicorn on 127.0.0.1, the app of nanopipe.serving.app with a
 depth-4 / vocab-4096 model, freshly initialised, torch on --threads threads); this process is
 the client (httpx, asyncio), speaking nanochat's SSE protocol (POST /chat/completions). Every
-request: a short user message, temperature 1, top-k 50, --max-tokens new tokens. Each client
+request: a short user message, temperature 1, top-k 50, --max-tokens new tokens (the rest of the
+server's settings: conf/serve, with serve.max_batch = --max-batch). Each client
 sends --requests-per-client requests back to back; the baseline sends the same total number of
 requests strictly one after another.
 
@@ -23,8 +24,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def serve_child(args):
@@ -32,13 +36,15 @@ def serve_child(args):
     import uvicorn
 
     from bench_engine import StubTokenizer
+    from nanopipe.config import compose_conf, validate
     from nanopipe.model.gpt import config_from_depth, create_model
-    from nanopipe.serve.app import create_app
+    from nanopipe.serving.app import create_app
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_model(config_from_depth(args.depth, args.vocab_size, args.seq_len), torch.device(args.device))
     model.eval()
-    app = create_app(model, StubTokenizer(args.vocab_size), {"max_batch": args.max_batch})
+    conf = compose_conf([f"serve.max_batch={args.max_batch}"], conf_dir=REPO / "conf")
+    app = create_app(model, StubTokenizer(args.vocab_size), validate(conf, source="conf/").serve)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

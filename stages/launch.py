@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Launch one nanopipe stage the way dvc.yaml asks: `python stages/launch.py <stage> [--torchrun]`.
 
-CPU stages run as a plain process. With --torchrun (the training and eval stages),
-`runtime.nproc_per_node` and `runtime.nnodes` from params.yaml decide: both 1 runs a
-plain process; otherwise it execs
+It runs `python -m nanopipe.cli <stage>`, which runs the stage module src/nanopipe/stages/<stage>.py
+through the stage contract (src/nanopipe/stage.py) on params.yaml.
+
+CPU stages run as a plain process. With --torchrun (the stages that compute on a device: pretrain,
+base_eval, sft, rl, chat_eval), `runtime.nproc_per_node` and `runtime.nnodes` from params.yaml
+decide: both 1 runs a plain process; otherwise it execs
     torchrun --nproc-per-node N [--nnodes M --node-rank R --rdzv-backend B --rdzv-endpoint H:P --rdzv-id ID]
              -m nanopipe.cli <stage>
 Multi-node: run the same stage on every node with NANOPIPE_NODE_RANK set (node 0 runs

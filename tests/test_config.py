@@ -7,7 +7,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from helpers import REPO, make_cfg
-from nanopipe.cli import compose_conf
+from nanopipe.config import compose_conf
 from nanopipe.config import ConfigError, validate
 
 

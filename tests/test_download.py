@@ -4,11 +4,13 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from helpers import make_cfg
+
 from nanopipe import artifacts
 from nanopipe.data import download
 from nanopipe.data.shards import read_manifest, split_paths, verify_shard, write_shard
+from nanopipe.stage import run_stage
+from nanopipe.stages import download as download_stage
 
 
 def _fixture_shards(root: Path, n: int) -> dict[str, bytes]:
@@ -84,7 +86,7 @@ def _url_cfg(template, **extra):
 def test_http_download_with_retry_and_truncation(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     server.faults = {"shard_00000.parquet": ["500"], "shard_00001.parquet": ["truncate"]}
-    download.main(_url_cfg(f"http://127.0.0.1:{server.port}/shard_{{index:05d}}.parquet"))
+    run_stage(download_stage, _url_cfg(f"http://127.0.0.1:{server.port}/shard_{{index:05d}}.parquet"))
     m = read_manifest()
     assert [s["name"] for s in m["shards"]] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
     assert m["val_shard"] == "shard_00002.parquet"
@@ -99,7 +101,7 @@ def test_http_download_with_retry_and_truncation(server, tmp_path, monkeypatch):
     assert metrics["fetched"] == 3 and metrics["skipped"] == 0
     # A rerun skips the shards it already verified.
     server.hits.clear()
-    download.main(_url_cfg(f"http://127.0.0.1:{server.port}/shard_{{index:05d}}.parquet"))
+    run_stage(download_stage, _url_cfg(f"http://127.0.0.1:{server.port}/shard_{{index:05d}}.parquet"))
     assert server.hits == {} and artifacts.read_json("metrics/download.json")["skipped"] == 3
 
 
@@ -108,7 +110,7 @@ def test_permanent_404_fails_clearly_and_leaves_nothing(server, tmp_path, monkey
     server.faults = {"shard_00001.parquet": ["404"] * 10}
     url = f"http://127.0.0.1:{server.port}/shard_{{index:05d}}.parquet"
     with pytest.raises(download.DownloadError) as e:
-        download.main(_url_cfg(url))
+        run_stage(download_stage, _url_cfg(url))
     msg = str(e.value)
     assert f"http://127.0.0.1:{server.port}/shard_00001.parquet" in msg and "HTTP 404" in msg
     assert server.hits["shard_00001.parquet"] == 1  # a 404 is not retried
@@ -122,13 +124,13 @@ def test_persistent_500_gives_up_after_retries(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     server.faults = {"shard_00000.parquet": ["500"] * 10}
     with pytest.raises(download.DownloadError, match="HTTP 500.*after 3 attempts"):
-        download.main(_url_cfg(f"http://127.0.0.1:{server.port}/shard_{{index:05d}}.parquet"))
+        run_stage(download_stage, _url_cfg(f"http://127.0.0.1:{server.port}/shard_{{index:05d}}.parquet"))
 
 
 def test_file_url_template(tmp_path, monkeypatch):
     files = _fixture_shards(tmp_path / "remote", 3)
     monkeypatch.chdir(tmp_path)
-    download.main(_url_cfg(f"file://{tmp_path}/remote/shard_{{index:05d}}.parquet"))
+    run_stage(download_stage, _url_cfg(f"file://{tmp_path}/remote/shard_{{index:05d}}.parquet"))
     for name, data in files.items():
         assert (tmp_path / "data/shards" / name).read_bytes() == data
 
@@ -137,7 +139,7 @@ def test_embedded_source_layout(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
     monkeypatch.chdir(tmp_path)
-    download.main(make_cfg("experiment=smoke", "tracking.enabled=false"))
+    run_stage(download_stage, make_cfg("experiment=smoke", "tracking.enabled=false"))
     m = read_manifest()
     assert m["val_shard"] == "shard_00003.parquet"
     for s in m["shards"]:
@@ -147,7 +149,7 @@ def test_embedded_source_layout(tmp_path, monkeypatch):
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
     # Deterministic: same config -> byte-identical shards.
     first = {s["name"]: s["sha256"] for s in m["shards"]}
-    download.main(make_cfg("experiment=smoke", "tracking.enabled=false"))
+    run_stage(download_stage, make_cfg("experiment=smoke", "tracking.enabled=false"))
     assert {s["name"]: s["sha256"] for s in read_manifest()["shards"]} == first
 
 

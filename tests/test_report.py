@@ -4,9 +4,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import make_cfg
-from nanopipe import paths, report
+
+from nanopipe import paths
+from nanopipe.stage import run_stage
+from nanopipe.stages import report
 
 NO_GPU = {"available": False, "count": 0}
 
@@ -160,7 +162,7 @@ def test_report_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
     _stage(tmp_path, "pretrain", {"final_val_bpb": 1.5, "wall_time_s": 10, "world_size": 1}, "trained")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = make_cfg("experiment=smoke", f"tracking.uri={store}", "tracking.experiment=report-test")
-    report.main(cfg)
+    run_stage(report, cfg)
 
     text = (tmp_path / "metrics/report.md").read_text()
     assert "## pretrain\n\ntrained" in text and "## Summary" in text

@@ -98,12 +98,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
+class MissingInput(FileNotFoundError):
+    """An input a stage reads is not there; the message names the stage that produces it."""
+
+
 def read_json(path: str | os.PathLike, produced_by: str | None = None) -> Any:
     """Read a JSON file, failing with a message that names the file and its producer."""
     path = Path(path)
     hint = f" (it is written by the `{produced_by}` stage: run `dvc repro {produced_by}`)" if produced_by else ""
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found{hint}")
+        raise MissingInput(f"{path}: not found{hint}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -122,5 +126,5 @@ def require(path: str | os.PathLike, produced_by: str) -> Path:
     """Return `path` if it exists, else raise naming the stage that produces it."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; it is produced by the `{produced_by}` stage (run `dvc repro {produced_by}`)")
+        raise MissingInput(f"{path}: not found; it is produced by the `{produced_by}` stage (run `dvc repro {produced_by}`)")
     return path

@@ -25,3 +25,14 @@ def plot_file(stage: str, name: str) -> Path:
 
 def section_file(stage: str) -> Path:
     return SECTIONS / f"{stage}.md"
+
+
+def checkpoint_dir(source: str) -> Path:
+    """models/<source>; `auto` is the newest lifecycle stage that has a model (rl, then sft, then base)."""
+    if source != "auto":
+        return CHECKPOINTS[source]
+    for name in ("rl", "sft", "base"):
+        if (CHECKPOINTS[name] / "meta.json").exists():
+            return CHECKPOINTS[name]
+    raise FileNotFoundError(f"no model found in {', '.join(str(p) for p in CHECKPOINTS.values())}: "
+                            "run `dvc repro` first (pretrain writes models/base)")

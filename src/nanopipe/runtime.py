@@ -1,6 +1,7 @@
-"""Runtime helpers shared by every stage: device and dtype choice, torch.distributed
-setup from the torchrun environment, rank-aware printing/logging, seeding, and the
-GPU peak-FLOPs table used for MFU.
+"""The process layer every stage stands on: logging, device and dtype choice, torch.distributed
+set-up from the torchrun environment (`Device`, made once per stage by the stage contract),
+cross-rank reductions (`all_reduce`, the one helper every library uses), seeding, and the GPU
+peak-FLOPs table used for MFU.
 
 Follows nanochat's common.py. Differences on purpose:
 - distributed runs work on CPU too (gloo), not only CUDA (nccl);
@@ -13,55 +14,31 @@ import contextlib
 import logging
 import os
 import random
-import re
+import resource
+import sys
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
-# Logging
+# Logging: configured once per process, by the stage contract (nanopipe.stage.main)
+
+logger = logging.getLogger("nanopipe")
 
 
-class ColoredFormatter(logging.Formatter):
-    """Colour the level name; in INFO lines also bold sizes/percentages and shard names."""
-
-    COLORS = {
-        "DEBUG": "\033[36m",
-        "INFO": "\033[32m",
-        "WARNING": "\033[33m",
-        "ERROR": "\033[31m",
-        "CRITICAL": "\033[35m",
-    }
-    RESET = "\033[0m"
-    BOLD = "\033[1m"
-
-    def format(self, record):
-        levelname = record.levelname
-        if levelname in self.COLORS:
-            record.levelname = f"{self.COLORS[levelname]}{self.BOLD}{levelname}{self.RESET}"
-        message = super().format(record)
-        if levelname == "INFO":
-            message = re.sub(r"(\d+\.?\d*\s*(?:GB|MB|%|docs))", rf"{self.BOLD}\1{self.RESET}", message)
-            message = re.sub(r"(Shard \d+)", rf"{self.COLORS['INFO']}{self.BOLD}\1{self.RESET}", message)
-        record.levelname = levelname  # other handlers must see the plain name
-        return message
-
-
-def setup_default_logging(level: int = logging.INFO) -> None:
-    """Attach a coloured stream handler to the root logger unless something (e.g. Hydra)
-    already configured logging, so we never print every line twice."""
-    root = logging.getLogger()
-    if root.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
-
-
-setup_default_logging()
-logger = logging.getLogger(__name__)
+def setup_logging() -> None:
+    """One format for every process: `HH:MM:SS [rankN] message` under torchrun, `[nanopipe]` otherwise;
+    INFO on rank 0, WARNING elsewhere (ranks > 0 would repeat rank 0's lines)."""
+    rank = _env_rank()
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [{'rank%d' % rank if 'RANK' in os.environ else 'nanopipe'}] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("rustbpe").setLevel(logging.WARNING)  # per-merge progress lines
 
 
 def _env_rank() -> int:
@@ -172,6 +149,79 @@ def compute_cleanup() -> None:
     """Tear down the process group if we made one (safe to call always)."""
     if is_ddp_initialized():
         dist.destroy_process_group()
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """All-reduce `t` in place across ranks when a process group is up (a no-op in one process)."""
+    if is_ddp_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=_REDUCE_OPS[op])
+    return t
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if is_ddp_initialized():
+        dist.barrier()
+
+
+def is_rank0() -> bool:
+    return _env_rank() == 0
+
+
+@dataclass
+class Device:
+    """This process's place in the run: rank, world size, device, matmul dtype, peak FLOP/s."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    peak_flops: float
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        return autocast_ctx(self.device, self.dtype)
+
+    def sync(self) -> None:
+        synchronize(self.device)
+
+    def max_memory_mib(self) -> float:
+        if self.device.type == "cpu":
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
+        return get_max_memory(self.device) / 2**20
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if not self.ddp:
+            return list(values)
+        return all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    def all_reduce_max(self, value: float) -> float:
+        if not self.ddp:
+            return value
+        return all_reduce(torch.tensor(value, dtype=torch.float64, device=self.device), "max").item()
+
+    def all_reduce_mean(self, value: float) -> float:
+        return self.all_reduce_sum([value])[0] / self.world_size
+
+    def close(self) -> None:
+        compute_cleanup()
+
+
+def setup_device(device: str, dtype: str, seed: int, threads: int) -> Device:
+    """The runtime.* settings made real: seed, device, process group (under torchrun), dtype."""
+    device_type = autodetect_device_type() if device == "auto" else device
+    if device_type == "cpu" and threads > 0:
+        torch.set_num_threads(threads)
+    ddp, rank, local_rank, world_size, dev = compute_init(device_type, seed=seed)
+    peak = get_peak_flops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else float("inf")
+    return Device(ddp, rank, local_rank, world_size, dev, compute_dtype(dev, dtype), peak)
 
 
 # -----------------------------------------------------------------------------

@@ -1,70 +1,92 @@
-"""The stage contract every lifecycle step follows.
+"""The stage contract: how every lifecycle step runs.
 
-    with Stage("download", cfg, sections=["data"]) as st:
-        ...work...                      # st.log({...}, step) for curves, st.rank0 gates writes
-        st.finish(metrics, report_md)   # metrics/<stage>.json + metrics/sections/<stage>.md
+Each DVC stage is one module `nanopipe.stages.<name>` (named exactly as in dvc.yaml) that declares
 
-One MLflow run per execution (params = the config sections the stage reads, plus
-runtime), periodic metrics to MLflow and to the stage's plot CSVs, and the final
-metrics file and report section written atomically on rank 0 only. If the work raises,
-the MLflow run is marked FAILED and no metrics file is written, so DVC never caches a
-half-finished stage.
+    PARAMS = ["model", "pretrain", *DEVICE_PARAMS]   # its `params:` in dvc.yaml, key for key
+    def run(st: Stage) -> None: ...                   # the work
+
+and `nanopipe <name>` / `python stages/launch.py <name>` call `main(module)`, which owns the process:
+
+1. params.yaml (+ Hydra overrides) is loaded and validated (`nanopipe.config`); logging is set up once;
+2. `st.cfg` holds only the keys the stage declares, so a stage cannot read config that DVC does not
+   track for it (`tests/test_layout.py` checks PARAMS against dvc.yaml);
+3. `st.dev` (first use) seeds, picks the device and joins the torchrun process group;
+4. one MLflow run per execution: `st.log(...)` for curves (also rows of `metrics/<stage>/<plot>.csv`),
+   `st.finish(metrics, report_md)` writes `metrics/<stage>.json` and `metrics/sections/<stage>.md`
+   atomically on rank 0;
+5. on every exit path (an exception, Ctrl-C) the MLflow run is closed (FAILED unless `finish` ran)
+   and the process group is torn down; no metrics file is written for a failed stage, so DVC never
+   caches half a stage.
 """
 from __future__ import annotations
 
 import csv
 import io
 import logging
+import math
 import os
-import sys
 import time
-from typing import Any, Iterable, Mapping
+from types import ModuleType
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
 from nanopipe import artifacts, paths
+from nanopipe.config import ConfigError, load_config, select
+from nanopipe.runtime import Device, get_dist_info, setup_device, setup_logging
 from nanopipe.tracking import Tracker, flatten, git_commit
 
 log = logging.getLogger("nanopipe")
 
-
-def setup_logging() -> None:
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [{'rank%d' % rank if 'RANK' in os.environ else 'nanopipe'}] %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    logging.getLogger("rustbpe").setLevel(logging.WARNING)  # per-merge progress lines
+# The runtime keys a stage that computes on a device declares (they can change its numbers).
+DEVICE_PARAMS = ["runtime.device", "runtime.dtype", "runtime.seed", "runtime.threads"]
+# ... and a training stage too: the world size changes the data order, hence the weights.
+WORLD_PARAMS = [*DEVICE_PARAMS, "runtime.nproc_per_node", "runtime.nnodes"]
 
 
 class Stage:
-    def __init__(self, name: str, cfg: DictConfig, sections: Iterable[str]):
-        self.name = name
-        self.cfg = cfg
-        self.sections = list(sections)
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    def __init__(self, module: ModuleType, cfg: DictConfig, options: Any = None):
+        self.name = module.__name__.rsplit(".", 1)[-1]
+        self.params = list(module.PARAMS)
+        self.cfg = select(cfg, self.params)
+        self.options = options
+        _, self.rank, _, self.world_size = get_dist_info()
         self.rank0 = self.rank == 0
         t = cfg.tracking
-        self.tracker = Tracker(t.enabled and self.rank0, t.uri, t.experiment, t.log_artifacts)
+        self.tracker = Tracker(t.enabled and self.rank0 and getattr(module, "TRACKED", True), t.uri, t.experiment,
+                               t.log_artifacts)
+        self._dev: Device | None = None
         self._plots: dict[str, list[dict[str, Any]]] = {}
         self._t0 = 0.0
 
-    def params(self) -> dict[str, Any]:
-        """The config this stage depends on, flattened (`model.depth`, ...)."""
-        used = {s: OmegaConf.to_container(self.cfg[s], resolve=True) for s in [*self.sections, "runtime"]}
-        return flatten(used)
+    @property
+    def dev(self) -> Device:
+        """The device and process group, set up on first use (stages without tensors never pay for it)."""
+        if self._dev is None:
+            rt = self.cfg.runtime
+            self._dev = setup_device(rt.device, rt.dtype, rt.seed, rt.threads)
+        return self._dev
 
     def __enter__(self) -> "Stage":
         self._t0 = time.time()
         exp = os.environ.get("DVC_EXP_NAME", "")
         tags = {"stage": self.name, "git_commit": git_commit(), "dvc_exp": exp or "workspace", "world_size": str(self.world_size)}
-        self.tracker.start(run_name=f"{exp}/{self.name}" if exp else self.name, tags=tags, params=self.params(),
+        self.tracker.start(run_name=f"{exp}/{self.name}" if exp else self.name, tags=tags,
+                           params=flatten(OmegaConf.to_container(self.cfg, resolve=True)),
                            texts={"config.yaml": OmegaConf.to_yaml(self.cfg)})
         log.info("stage %s: started (world size %d)", self.name, self.world_size)
         return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.tracker.end("FAILED" if exc_type else "FINISHED")
+        finally:
+            if self._dev is not None:
+                self._dev.close()
+        if exc_type is None:
+            log.info("stage %s: done in %.1f s", self.name, time.time() - self._t0)
+
+    # -- curves ---------------------------------------------------------------------------------
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None, plot: str | None = None) -> None:
         """Record step metrics: to MLflow, and as a row of `metrics/<stage>/<plot>.csv`."""
@@ -97,6 +119,8 @@ class Stage:
             w.writerows(rows)
             artifacts.write_text(paths.plot_file(self.name, name), buf.getvalue())
 
+    # -- outputs --------------------------------------------------------------------------------
+
     def finish(self, metrics: Mapping[str, Any], report: str = "") -> None:
         """Write the stage's metrics file and report section; log both to MLflow."""
         if not self.rank0:
@@ -112,7 +136,39 @@ class Stage:
         for name in self._plots:
             self.tracker.log_artifact(paths.plot_file(self.name, name), "plots")
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.tracker.end("FAILED" if exc_type else "FINISHED")
-        if exc_type is None:
-            log.info("stage %s: done in %.1f s", self.name, time.time() - self._t0)
+
+def fmt(x, spec: str = ".4f") -> str:
+    """A number for a report section: `n/a` when missing or not finite."""
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def run_stage(module: ModuleType, cfg: DictConfig, options: Any = None) -> None:
+    """Run one stage module on a validated config, inside the contract."""
+    with Stage(module, cfg, options) as st:
+        module.run(st)
+
+
+def main(module: ModuleType, argv: list[str]) -> None:
+    """`nanopipe <stage> [--option ...] [key=value ...]`: the stage on params.yaml plus overrides."""
+    setup_logging()
+    name = module.__name__.rsplit(".", 1)[-1]
+    try:
+        options, overrides = _split_options(argv)
+        if options and not hasattr(module, "parse_options"):
+            raise ConfigError(f"takes no options ({' '.join(options)}); configure it with key=value overrides")
+        cfg = load_config(overrides)
+        parsed = module.parse_options(options, select(cfg, module.PARAMS)) if hasattr(module, "parse_options") else None
+        run_stage(module, cfg, parsed)
+    except (ConfigError, artifacts.MissingInput) as e:  # bad input: one line naming the key or file, no traceback
+        raise SystemExit(f"nanopipe {name}: {e}") from None
+
+
+def _split_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Options of the command itself (`--name value`, `--name=value`) come before the overrides."""
+    rest, options = list(argv), []
+    while rest and rest[0].startswith("-"):
+        opt = rest.pop(0)
+        options.append(opt)
+        if "=" not in opt and rest:
+            options.append(rest.pop(0))
+    return options, rest

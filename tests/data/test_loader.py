@@ -36,7 +36,7 @@ def take(gen, n):
 
 
 def reference_batches(tokenizer, B, T, paths, rank, world, batch_size, buffer_size, n):
-    """A plain transcription of the spec (linear scans over a list), for comparison."""
+    """A plain transcription of the best-fit packing rule (linear scans over a list), for comparison."""
     import pyarrow.parquet as pq
 
     def stream():

@@ -8,16 +8,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
+from doubles import ScriptedModel
 from helpers import make_cfg
+
 from nanopipe import paths
-from nanopipe.eval import chat_eval
+from nanopipe.eval import chatcore as chat_eval
+from nanopipe.inference.engine import Engine
 from nanopipe.model.checkpoint import save_checkpoint
 from nanopipe.model.gpt import config_from_depth, create_model
-from nanopipe.serve.engine import Engine
+from nanopipe.stage import run_stage
+from nanopipe.stages import chat_eval as chat_eval_stage
 from nanopipe.tasks import DatasetUnavailableError, HumanEval, Task
 from nanopipe.tokenizer import Tokenizer
-from doubles import ScriptedModel
 
 # hub schema (openai/gsm8k, allenai/ai2_arc, cais/mmlu), a few rows each
 GSM8K_TEST = [
@@ -185,7 +187,7 @@ def test_stage_end_to_end_offline(tmp_path, hf_dir, monkeypatch):
     cfg = make_cfg("experiment=smoke", "tracking.enabled=false", "runtime.device=cpu", "runtime.threads=1",
                    f"chat_eval.tasks={tasks}", "chat_eval.sources=[sft,rl]", "chat_eval.max_problems=2",
                    "chat_eval.max_new_tokens=8", f"chat_eval.dataset_dir={hf_dir}")
-    chat_eval.main(cfg)
+    run_stage(chat_eval_stage, cfg)
 
     m = json.loads((tmp_path / "metrics/chat_eval.json").read_text())
     assert "ARC-Challenge" in m["unavailable"] and "rl" in m and "not found" in m["rl"]["skipped"]

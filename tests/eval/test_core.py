@@ -12,8 +12,17 @@ import pytest
 import torch
 
 from nanopipe.eval.core import (
-    SOURCE_FILE, EvalBundleInvalid, EvalBundleUnavailable, crop_sequences, evaluate_core, evaluate_example,
-    fetch_eval_bundle, find_common_length, format_core_csv, render_prompts_lm, render_prompts_mc,
+    SOURCE_FILE,
+    EvalBundleInvalid,
+    EvalBundleUnavailable,
+    crop_sequences,
+    evaluate_core,
+    evaluate_example,
+    fetch_eval_bundle,
+    find_common_length,
+    format_core_csv,
+    render_prompts_lm,
+    render_prompts_mc,
     render_prompts_schema,
 )
 

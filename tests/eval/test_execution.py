@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from nanopipe.eval.execution import MAX_OUTPUT_CHARS, ExecutionResult, execute_code
+from nanopipe.sandbox import MAX_OUTPUT_CHARS, ExecutionResult, execute_code
 
 
 def run(code, timeout=3.0, **kwargs):  # generous: only the timeout tests wait for it

@@ -17,7 +17,8 @@ def meta_model(cfg):
 
 
 def expected_counts(depth, V, aspect=64, head_dim=128):
-    """The spec's formulas (§2.1, §2.2, §2.9), written out independently of the model code."""
+    """nanochat's sizing and parameter-count formulas (nanochat nanochat/gpt.py @1ec0a34), written out
+    independently of the model code."""
     C = math.ceil(depth * aspect / head_dim) * head_dim
     H = C // head_dim
     Hkv, D = H, head_dim
@@ -38,8 +39,8 @@ def test_param_counts_match_spec_formulas(depth):
     assert model.num_scaling_params() == expected_counts(depth, V)
 
 
-def test_param_counts_match_spec_table():
-    # spec §2.9 [derived] table, V=32768: total and scaling params (matrices + lm_head), in millions
+def test_param_counts_match_table():
+    # derived from those formulas, V=32768: total and scaling params (matrices + lm_head), in millions
     table = {12: (286.26, 110.10), 20: (896.54, 435.16), 26: (1681.79, 918.43)}
     for depth, (total, scaling) in table.items():
         c = meta_model(config_from_depth(depth, 32768, 2048)).num_scaling_params()

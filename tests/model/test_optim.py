@@ -1,4 +1,4 @@
-"""Muon and AdamW updates against references written here from the spec's equations (§5)."""
+"""Muon and AdamW updates against references written here from their equations (nanochat nanochat/optim.py @1ec0a34)."""
 import pytest
 import torch
 
@@ -7,7 +7,7 @@ from nanopipe.model.optim import MuonAdamW, polar_express_coeffs
 
 
 def reference_muon(G, P, M, S, mu, lr, wd, beta2, ns_steps=5, pe_dtype=torch.bfloat16):
-    """One Muon step for one matrix, spec §5.2 step by step. Returns (P, M, S) new.
+    """One Muon step for one matrix, step by step. Returns (P, M, S) new.
     pe_dtype: the dtype of the Polar Express iteration (bf16 as specified; float64 = exact math)."""
     r, c = G.shape
     M = mu * M + (1 - mu) * G                                   # momentum buffer

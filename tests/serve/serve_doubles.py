@@ -1,4 +1,4 @@
-"""Test doubles for the serving tests (spec inference-and-serving §5.1) and tiny real models."""
+"""Test doubles for the serving tests and tiny real models."""
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ class MockConfig:
 
 class MockModel:
     """Uniform (all-zero) logits; advances the cache like the real attention would.
-    Reports its device as a STRING on purpose: the Engine must normalise it (decision 8)."""
+    Reports its device as a STRING on purpose: the Engine must normalise it (docs/decisions.md, D8)."""
 
     def __init__(self, vocab_size=262):
         self.vocab_size = vocab_size

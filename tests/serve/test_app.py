@@ -13,12 +13,18 @@ import httpx
 import pytest
 from fastapi import Request
 
-from nanopipe.serve.app import create_app, render_prompt, run_in_thread
-from nanopipe.serve.engine import Engine, TextStream
+from nanopipe.inference.engine import Engine, TextStream
+from nanopipe.serving.app import create_app, render_prompt, run_in_thread
+from helpers import make_cfg
 from serve_doubles import (ASSISTANT_END, BOS, ChatByteTokenizer, byte_level_tokenizer, scripted_reply_model,
                            suppress_terminators, tiny_gpt)
 
 REPLY = "Hi é€😀!"  # multi-byte characters, streamed one byte (= one token) at a time
+
+
+def serve_cfg(**overrides):
+    """The validated `serve` section of the smoke experiment (every key), with overrides."""
+    return make_cfg("experiment=smoke", *(f"serve.{k}={v}" for k, v in overrides.items())).serve
 
 
 def start(app):
@@ -34,7 +40,7 @@ def stop(server, thread):
 @pytest.fixture(scope="module")
 def scripted():
     """Server whose model always answers REPLY (test double, sequential decoding)."""
-    app = create_app(scripted_reply_model(REPLY), ChatByteTokenizer(), {"max_batch": 4})
+    app = create_app(scripted_reply_model(REPLY), ChatByteTokenizer(), serve_cfg(max_batch=4))
     server, thread, url = start(app)
     yield url
     stop(server, thread)
@@ -48,7 +54,7 @@ def gpt_model():
 
 @pytest.fixture(scope="module")
 def real(gpt_model):
-    app = create_app(gpt_model, ChatByteTokenizer(), {"max_batch": 16, "temperature": 0.0})
+    app = create_app(gpt_model, ChatByteTokenizer(), serve_cfg(max_batch=16, temperature=0.0))
     server, thread, url = start(app)
     yield url
     stop(server, thread)
@@ -233,7 +239,7 @@ def test_invalid_json_is_4xx(scripted):
 def test_api_key(monkeypatch):
     from fastapi.testclient import TestClient
     monkeypatch.setenv("NANOPIPE_API_KEY", "sesame")
-    app = create_app(scripted_reply_model(REPLY), ChatByteTokenizer())
+    app = create_app(scripted_reply_model(REPLY), ChatByteTokenizer(), serve_cfg())
     with TestClient(app) as c:
         assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
         assert c.post("/chat/completions", json=chat("")).status_code == 401
@@ -316,7 +322,7 @@ def test_ui_selftest_in_headless_chromium(gpt_model, tmp_path):
     """Opens /?selftest=1 in headless Chromium: the page drives its own UI (health check, slash
     commands, streaming, regenerate, edit & resend, /clear, new conversation, also mid-stream)
     against a live server and POSTs its PASS/FAIL report to a route this test adds."""
-    app = create_app(gpt_model, ChatByteTokenizer(), {"temperature": 0.0})
+    app = create_app(gpt_model, ChatByteTokenizer(), serve_cfg(max_batch=16, temperature=0.0))
     reports = queue.Queue()
 
     @app.post("/selftest-report")
@@ -342,7 +348,7 @@ def test_real_tokenizer_end_to_end(gpt_model):
     from fastapi.testclient import TestClient
     tok = byte_level_tokenizer()
     model = tiny_gpt(vocab_size=tok.get_vocab_size(), sequence_len=128, seed=2)
-    with TestClient(create_app(model, tok, {"temperature": 0.0})) as c:
+    with TestClient(create_app(model, tok, serve_cfg(temperature=0.0))) as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
         assert r.status_code == 200, r.text
         j = r.json()
@@ -361,7 +367,7 @@ def test_config_from_omegaconf_and_worker_count():
     from fastapi.testclient import TestClient
     from omegaconf import OmegaConf
 
-    from nanopipe.serve.app import worker_models
+    from nanopipe.serving.app import worker_models
     cfg = OmegaConf.create({"host": "127.0.0.1", "port": 8000, "workers": 0, "max_batch": 3, "temperature": 0.0,
                             "top_k": 50, "max_tokens": 4, "api_key": "", "source": "auto"})
     with TestClient(create_app(scripted_reply_model(REPLY), ChatByteTokenizer(), cfg)) as c:

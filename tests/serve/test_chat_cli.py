@@ -1,9 +1,9 @@
 """Terminal chat (run_chat): one-shot and interactive loops, UTF-8 safe streaming, context trimming."""
 import io
 
-from nanopipe.serve.app import render_prompt
-from nanopipe.serve.chat_cli import run_chat
-from nanopipe.serve.engine import Engine
+from nanopipe.serving.app import render_prompt
+from nanopipe.stages.chat import run_chat
+from nanopipe.inference.engine import Engine
 from serve_doubles import ChatByteTokenizer, scripted_reply_model, tiny_gpt
 
 REPLY = "Hi é€😀!"

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from nanopipe.serve.engine import Engine
-from nanopipe.serve.scheduler import BatchedGPTDecoder, Scheduler, SequentialDecoder
+from nanopipe.inference.engine import Engine
+from nanopipe.serving.scheduler import BatchedGPTDecoder, Scheduler, SequentialDecoder
 from serve_doubles import (ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PROMPT, PYTHON_END, PYTHON_START,
                            BigramModel, ByteTokenizer, ChatByteTokenizer, suppress_terminators, tiny_gpt)
 

@@ -129,7 +129,7 @@ def test_token_bytes_are_raw_byte_lengths(tok):
         assert tb[i] == len(tok.id_to_bytes(i)) > 0
     assert tb[:256].tolist() == [1] * 256
     # tokens holding part of a UTF-8 character count their real bytes, not the 3 bytes of
-    # the U+FFFD that a lossy decode would give (decision 5)
+    # the U+FFFD that a lossy decode would give (docs/decisions.md, D5)
     partial = []
     for i in range(256, VOCAB - 9):
         try:

@@ -8,9 +8,11 @@ import time
 
 import pytest
 import torch
-
 from helpers import make_cfg, run, subprocess_env
-from nanopipe.train import pretrain
+
+from nanopipe.config import ConfigError
+from nanopipe.stage import run_stage
+from nanopipe.stages import pretrain
 
 
 def _ran(out: str) -> list[str]:
@@ -33,7 +35,7 @@ def _weights(path):
 def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="models/tokenizer.*`tokenizer` stage"):
-        pretrain.main(make_cfg("experiment=smoke", "tracking.enabled=false", "runtime.device=cpu"))
+        run_stage(pretrain, make_cfg("experiment=smoke", "tracking.enabled=false", "runtime.device=cpu"))
     with pytest.raises(Exception, match="model.depth"):
         make_cfg("experiment=smoke", "model.depth=0")
 
@@ -41,8 +43,8 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
 def test_batch_not_divisible_is_a_clear_error(smoke_repo, monkeypatch):
     monkeypatch.chdir(smoke_repo)
     cfg = make_cfg("experiment=smoke", "tracking.enabled=false", "pretrain.total_batch_size=1000")
-    with pytest.raises(pretrain.PlanError, match=r"pretrain.total_batch_size=1000 must be a multiple of .* = 1024"):
-        pretrain.main(cfg)
+    with pytest.raises(ConfigError, match=r"`pretrain.total_batch_size` = 1000: expected a multiple of .* = 1024"):
+        run_stage(pretrain, cfg)
     assert not (smoke_repo / "models/base").exists()
 
 

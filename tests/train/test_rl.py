@@ -1,4 +1,4 @@
-"""The rl stage: rollouts keep the stop token, the batch/loss follow the spec's formula, and a few
+"""The rl stage: rollouts keep the stop token, the batch/loss follow REINFORCE's formula, and a few
 offline steps on a tiny model (fake SFT checkpoint, tokenizer trained here) log rewards, resume
 exactly, and leave a checkpoint the Engine can load."""
 import csv
@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import REPO, make_cfg
 from doubles import ScriptedModel
+from helpers import REPO, make_cfg
+
 from nanopipe import paths
+from nanopipe.config import ConfigError
+from nanopipe.inference.engine import Engine
 from nanopipe.model.checkpoint import load_model, save_checkpoint
 from nanopipe.model.gpt import GPTConfig, config_from_depth, create_model
-from nanopipe.serve.engine import Engine
+from nanopipe.stage import run_stage
+from nanopipe.stages import rl as rl_stage
 from nanopipe.tasks import Arithmetic
 from nanopipe.tokenizer import Tokenizer
 from nanopipe.train import rl
@@ -128,21 +131,21 @@ def smoke_cfg(*extra):
 
 def test_config_errors_name_the_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(rl.RLConfigError, match=r"rl.num_samples.*>= 2"):
-        rl.main(smoke_cfg("rl.num_samples=1"))
-    with pytest.raises(rl.RLConfigError, match=r"rl.task.*gsm8k or arithmetic"):
-        rl.main(smoke_cfg("rl.task=mmlu"))
+    with pytest.raises(ConfigError, match=r"rl.num_samples.*>= 2"):
+        smoke_cfg("rl.num_samples=1")
+    with pytest.raises(ConfigError, match=r"rl.task.*one of gsm8k, arithmetic"):
+        smoke_cfg("rl.task=mmlu")
     fake_sft(tmp_path)
     (tmp_path / paths.CHECKPOINTS["sft"] / "meta.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"models/sft/meta.json.*`sft` stage"):
-        rl.main(smoke_cfg())
+        run_stage(rl_stage, smoke_cfg())
 
 
 def test_rl_steps_offline_log_reward_and_checkpoint_loads_in_engine(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tok = fake_sft(tmp_path)
     monkeypatch.setattr(Arithmetic, "reward", parity_reward)
-    rl.main(smoke_cfg())
+    run_stage(rl_stage, smoke_cfg())
 
     metrics = json.loads((tmp_path / "metrics/rl.json").read_text())
     assert metrics["task"] == "arithmetic" and metrics["num_steps"] == 2
@@ -172,22 +175,22 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
         (tmp_path / name).mkdir()
         fake_sft(tmp_path / name)
     monkeypatch.chdir(tmp_path / "clean")
-    rl.main(smoke_cfg())
+    run_stage(rl_stage, smoke_cfg())
 
     monkeypatch.chdir(tmp_path / "resumed")
-    real_step = rl.optimizer_step
+    real_step = rl_stage.optimizer_step
 
     def crash_on_second_step(optimizer, model, lrm, *a, **k):
         if lrm < 1.0:
             raise KeyboardInterrupt("simulated interruption")
         real_step(optimizer, model, lrm, *a, **k)
 
-    monkeypatch.setattr(rl, "optimizer_step", crash_on_second_step)
+    monkeypatch.setattr(rl_stage, "optimizer_step", crash_on_second_step)
     with pytest.raises(KeyboardInterrupt):
-        rl.main(smoke_cfg())
+        run_stage(rl_stage, smoke_cfg())
     assert (tmp_path / "resumed/models/resume/rl/step_000001/meta.json").exists()
-    monkeypatch.setattr(rl, "optimizer_step", real_step)
-    rl.main(smoke_cfg())
+    monkeypatch.setattr(rl_stage, "optimizer_step", real_step)
+    run_stage(rl_stage, smoke_cfg())
     assert json.loads((tmp_path / "resumed/metrics/rl.json").read_text())["resumed_from_step"] == 1
     a = torch.load(tmp_path / "clean/models/rl/model.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed/models/rl/model.pt", weights_only=True)
@@ -199,9 +202,12 @@ import sys
 sys.path.insert(0, {tests!r})
 from helpers import make_cfg
 from nanopipe.tasks import Arithmetic
+from nanopipe.config import ConfigError
+from nanopipe.stage import run_stage
+from nanopipe.stages import rl as rl_stage
 from nanopipe.train import rl
 Arithmetic.reward = lambda self, conversation, completion: float(len(completion) % 2)
-rl.main(make_cfg(*sys.argv[1:]))
+run_stage(rl_stage, make_cfg(*sys.argv[1:]))
 """
 
 

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, make_cfg
+
+from nanopipe.eval.chat_format import PROBES, check_chat_format, format_problems
+from nanopipe.stage import run_stage
+from nanopipe.stages import sft
 from nanopipe.tasks import IDENTITY_PATH
-from nanopipe.train import sft
+from nanopipe.train.schedules import lr_multiplier_by_progress
 from nanopipe.train.sft_data import build_mixture, describe, render, sft_batches
 
 VOCAB = 512
@@ -97,7 +100,7 @@ def test_overlong_conversations_are_truncated_counted_and_never_stall(tok):
     long_reply = "nanopipe " * 300
     data = [conv("Tell me everything.", long_reply)] * 3 + [conv("hi", "hello")]
     gen = sft_batches(data, tok, batch_size=2, seq_len=32, buffer_size=4)
-    batches = [next(gen) for _ in range(20)]  # the seed's packer would spin forever here
+    batches = [next(gen) for _ in range(20)]  # nanochat's packer would spin forever here (docs/decisions.md, D2)
     x, y, state = batches[-1]
     assert state["truncated"] > 0
     assert state["conversations"] >= 40  # every row got a conversation
@@ -150,8 +153,8 @@ def test_embedded_mixture_is_deterministic_and_sized_from_config():
     assert len(val) == 3 * cfg.val_examples
     train_prompts = {a[i]["messages"][0]["content"] for i in range(len(a))}
     assert sum(val[i]["messages"][0]["content"] in train_prompts for i in range(len(val))) < len(val) // 2
-    with pytest.raises(ValueError, match="sft.mixture='nope'"):
-        build_mixture(make_cfg("experiment=smoke", "sft.mixture=nope").sft, "train")
+    with pytest.raises(ValueError, match="`sft.mixture` = 'nope': expected one of full, embedded"):
+        make_cfg("experiment=smoke", "sft.mixture=nope")
 
 
 def test_full_mixture_follows_nanochat(monkeypatch):
@@ -188,12 +191,12 @@ def test_full_mixture_follows_nanochat(monkeypatch):
 
 
 def test_lr_schedule_is_nanochats():
-    assert sft.lr_multiplier(0.5, 0.0, 0.2, 0.0) == 1.0
-    assert sft.lr_multiplier(0.8, 0.0, 0.2, 0.0) == 1.0
-    assert sft.lr_multiplier(0.9, 0.0, 0.2, 0.0) == pytest.approx(0.5)
-    assert sft.lr_multiplier(1.0, 0.0, 0.2, 0.0) == 0.0
-    assert sft.lr_multiplier(1.0, 0.0, 0.2, 0.1) == pytest.approx(0.1)
-    assert sft.lr_multiplier(0.05, 0.1, 0.2, 0.0) == pytest.approx(0.5)
+    assert lr_multiplier_by_progress(0.5, 0.0, 0.2, 0.0) == 1.0
+    assert lr_multiplier_by_progress(0.8, 0.0, 0.2, 0.0) == 1.0
+    assert lr_multiplier_by_progress(0.9, 0.0, 0.2, 0.0) == pytest.approx(0.5)
+    assert lr_multiplier_by_progress(1.0, 0.0, 0.2, 0.0) == 0.0
+    assert lr_multiplier_by_progress(1.0, 0.0, 0.2, 0.1) == pytest.approx(0.1)
+    assert lr_multiplier_by_progress(0.05, 0.1, 0.2, 0.0) == pytest.approx(0.5)
 
 
 def test_format_problems_flag_bad_replies_only():
@@ -202,12 +205,12 @@ def test_format_problems_flag_bad_replies_only():
             {"kind": "spelling", "prompt": "Spell the word: cat", "reply": "cot:c,a,t", "finished": True},  # wrong, well formed
             {"kind": "arithmetic", "prompt": "...", "reply": "12 + 5 = <|python_start|>12+5<|python_end|>"
              "<|output_start|>17<|output_end|>17 apples.\n#### 17", "finished": True}]
-    assert sft.format_problems(good) == []
+    assert format_problems(good) == []
     bad = [{"kind": "identity", "prompt": "hi", "reply": "nanopipe nanopipe nanopipe", "finished": False},
            {"kind": "identity", "prompt": "hi", "reply": "", "finished": True},
            {"kind": "spelling", "prompt": "Spell the word: apple", "reply": "apple is a fruit", "finished": True},
            {"kind": "arithmetic", "prompt": "...", "reply": "17 apples.<|user_start|>", "finished": True}]
-    problems = sft.format_problems(bad)
+    problems = format_problems(bad)
     assert len(problems) == 5, problems
     assert any("no <|assistant_end|>" in p for p in problems) and any("empty reply" in p for p in problems)
 
@@ -234,7 +237,7 @@ def test_missing_base_checkpoint_names_pretrain(tmp_path, monkeypatch, tok):
     monkeypatch.chdir(tmp_path)
     tok.save(tmp_path / "models/tokenizer")
     with pytest.raises(FileNotFoundError, match="models/base.*`pretrain` stage"):
-        sft.main(make_cfg("experiment=smoke", "tracking.enabled=false", "runtime.device=cpu"))
+        run_stage(sft, make_cfg("experiment=smoke", "tracking.enabled=false", "runtime.device=cpu"))
 
 
 def test_stage_end_to_end_loss_goes_down(tmp_path, monkeypatch, tok):
@@ -242,7 +245,7 @@ def test_stage_end_to_end_loss_goes_down(tmp_path, monkeypatch, tok):
     cfg = make_cfg("experiment=smoke", "tracking.enabled=false", "runtime.device=cpu", "sft.num_iterations=16",
                    "sft.eval_every=8", "sft.save_every=-1", "sft.max_seq_len=64", "sft.total_batch_size=512")
     _make_inputs(tmp_path, cfg, tok)
-    sft.main(cfg)
+    run_stage(sft, cfg)
     m = json.loads((tmp_path / "metrics/sft.json").read_text())
     assert m["step"] == 16 and m["grad_accum_steps"] == 2  # 512 tokens = 2 micro-batches of 4 x 64
     assert m["supervised_tokens"] > 0 and m["conversations_trained"] > 0
@@ -252,7 +255,7 @@ def test_stage_end_to_end_loss_goes_down(tmp_path, monkeypatch, tok):
     assert float(val[-1]["val_loss"]) < float(val[0]["val_loss"]) - 0.5
     train = list(csv.DictReader(open(tmp_path / "metrics/sft/train.csv")))
     assert len(train) == 16 and float(train[-1]["loss_smooth"]) < float(train[0]["loss"])
-    assert len(m["samples"]) == len(sft.PROBES) and isinstance(m["format_problems"], list)
+    assert len(m["samples"]) == len(PROBES) and isinstance(m["format_problems"], list)
     assert (tmp_path / "metrics/sections/sft.md").read_text().startswith("## sft")
     from nanopipe.model.checkpoint import load_model
 
@@ -267,7 +270,7 @@ def test_stage_resumes_from_its_checkpoint_bit_identically(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg(*overrides)
     _make_inputs(tmp_path, cfg, tok)
-    sft.main(cfg)
+    run_stage(sft, cfg)
     reference = torch.load(tmp_path / "models/sft/model.pt", weights_only=True)
 
     # the same run, interrupted after its step-3 checkpoint: replay it by stopping at 4, then rerun
@@ -282,10 +285,10 @@ def test_stage_resumes_from_its_checkpoint_bit_identically(tmp_path, monkeypatch
         raise KeyboardInterrupt
     monkeypatch.setattr(loop.Resume, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        sft.main(cfg)
+        run_stage(sft, cfg)
     assert saved == [3] and (tmp_path / "models/resume/sft/step_000003").exists()
     monkeypatch.setattr(loop.Resume, "save", original)
-    sft.main(cfg)
+    run_stage(sft, cfg)
     m = json.loads((tmp_path / "metrics/sft.json").read_text())
     assert m["resumed_from_step"] == 3
     resumed = torch.load(tmp_path / "models/sft/model.pt", weights_only=True)
@@ -325,5 +328,5 @@ def test_tiny_sft_model_answers_in_format():
         pytest.skip(f"no SFT checkpoint at {ckpt} (run the tiny pipeline first)")
     tokenizer = load_tokenizer(tokdir)
     model, _ = load_model(ckpt, "cpu", "eval", tokenizer=tokenizer)
-    problems = sft.check_chat_format(model, tokenizer)
+    problems = check_chat_format(model, tokenizer)
     assert problems == [], "\n".join(problems)

@@ -10,6 +10,12 @@ while the row has room, take the LONGEST buffered document that fits entirely; w
 fits, take the SHORTEST one and crop it to fill the row exactly (the rest is discarded).
 So every row starts with BOS, there is no padding, and no target is -1.
 
+Why (nanochat nanochat/dataloader.py @1ec0a34): a plain token stream starts rows mid-document,
+which never happens at inference; with BOS-aligned rows every token can look back to its
+document's start. The price is the cropped tails: about 35% of tokens at T=2048 (best fit
+crops less than greedy filling), always the ends of documents, so long documents lose their
+tails most. Fine with more data than one epoch needs; not for scarce data with long documents.
+
 Exact resume. Each yielded state_dict records (a) the stream cursor: the next document to
 read (epoch, pq_idx, rg_idx, doc_idx) and (b) the doc buffer as references to the documents
 it holds ([pq_idx, rg_idx, [row, ...]] runs, in buffer order). Cropped documents leave the
@@ -281,7 +287,9 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
                         flat.extend(tokens)
                         pos += len(tokens)
                     else:
-                        _, key = by_len.pop(0)  # nothing fits: crop the shortest
+                        # nothing fits: crop the shortest to fill the row exactly (least waste); its
+                        # tail is discarded, never carried to the next row
+                        _, key = by_len.pop(0)
                         flat.extend(docs.pop(key)[0][:remaining])
                         pos = row_capacity
             rows = torch.tensor(flat, dtype=torch.long).view(B, row_capacity)

@@ -69,3 +69,15 @@ def iter_texts(shard_paths: Sequence[Path], start: int = 0, step: int = 1):
         pf = pq.ParquetFile(path)
         for rg in range(start, pf.num_row_groups, step):
             yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+
+
+def sample_text(shard_paths, max_chars: int) -> str:
+    """The first documents of the given shards, joined, up to max_chars."""
+    out, n = [], 0
+    for docs in iter_texts(shard_paths):
+        for d in docs:
+            if n >= max_chars:
+                return "\n".join(out)
+            out.append(d[: max_chars - n])
+            n += len(out[-1])
+    return "\n".join(out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 import shutil
 import tempfile
@@ -25,13 +26,13 @@ import zipfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
 from nanopipe.artifacts import atomic_dir
-from nanopipe.runtime import print0
+from nanopipe.runtime import Device, all_reduce, get_dist_info, print0
 
+log = logging.getLogger("nanopipe.core")
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SOURCE_FILE = ".source.json"  # written into a fetched bundle: where it came from
@@ -293,16 +294,11 @@ def evaluate_example(idx, model, tokenizer, data, device, task_meta, max_seq_len
 
 def evaluate_task(model, tokenizer, data, device, task_meta, max_seq_len=None) -> float:
     """Accuracy over `data`; rank r of W takes examples r, r+W, ... and the counts are all-reduced."""
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    world_size = dist.get_world_size() if distributed else 1
+    _, rank, _, world_size = get_dist_info()
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
     for idx in range(rank, len(data), world_size):
         correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta, max_seq_len))
-    if world_size > 1:
-        dist.barrier()
-        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
-    return correct.mean().item()
+    return all_reduce(correct).mean().item()
 
 
 def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, max_seq_len=None) -> dict:
@@ -336,6 +332,21 @@ def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, max_seq
         print0(f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {time.time() - t0:.2f}s")
     core_metric = sum(centered_results.values()) / len(centered_results)
     return {"results": results, "centered_results": centered_results, "core_metric": core_metric}
+
+
+def core_or_unavailable(model, tokenizer, dev: Device, bundle_url: str, bundle_cache: str, max_per_task: int) -> dict:
+    """CORE results, or {"core_metric": None, "core_unavailable": reason} when the bundle cannot be had
+    (offline, say): base_eval and pretrain's periodic CORE then record why and carry on."""
+    try:
+        bundle = fetch_eval_bundle(bundle_url, Path(bundle_cache))
+    except EvalBundleUnavailable as e:
+        log.warning("CORE unavailable: %s", e)
+        return {"core_metric": None, "core_unavailable": str(e)}
+    model.eval()
+    with dev.autocast():
+        out = evaluate_core(model, tokenizer, dev.device, bundle, max_per_task=max_per_task)
+    model.train()
+    return out
 
 
 def format_core_csv(out: dict) -> str:

@@ -10,7 +10,7 @@ Differences from nanochat on purpose:
 - one directory, renamed into place only when complete (nanopipe.artifacts.atomic_dir), so a
   crash never leaves a half checkpoint that a resume would trust;
 - the optimizer state is gathered to a full form on save and re-sliced on load, so a run saved
-  with N ranks resumes with M (spec decision 7);
+  with N ranks resumes with M (docs/decisions.md, D7);
 - files are checked against the sizes/hashes in meta.json and loaded with weights_only=True, so
   a truncated or corrupted file is refused with an error naming it.
 Non-finite floats in meta (e.g. min_val_bpb = inf before any eval) are written as JSON null.

@@ -1,4 +1,4 @@
-"""The GPT model, as nanochat's gpt.py (spec model-and-pretraining §2).
+"""The GPT model, as nanochat's (nanochat nanochat/gpt.py @1ec0a34).
 
 - rotary embeddings (base 10000, half-split), no positional table;
 - QK-norm after RoPE; parameter-free RMSNorm everywhere (no learnable weights);
@@ -106,6 +106,8 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
+            # Value residual (ResFormer, arXiv 2410.17897): a per-layer token embedding added to V.
+            # Lots of capacity for almost no FLOPs; the input-dependent per-head gate helped upstream.
             # Gate in (0, 2), neutral (1) at init since the gate weights start at zero.
             ve = ve.view(B, T, self.n_kv_head, self.head_dim)
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
@@ -175,6 +177,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.window_sizes = self._compute_window_sizes(config)
+        # Padded to a multiple of 64 for efficiency (matmul shapes, rows that shard evenly across
+        # ranks); the extra logits are sliced off in forward, so they never get probability.
         padded_vocab_size = math.ceil(config.vocab_size / pad_vocab_size_to) * pad_vocab_size_to
         if padded_vocab_size != config.vocab_size:
             print0(f"Padding vocab_size from {config.vocab_size} to {padded_vocab_size} for efficiency")
@@ -184,10 +188,14 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, padded_vocab_size, bias=False)
+        # Learnable per-layer scalars (from modded-nanogpt): resid_lambdas scale the residual
+        # stream, x0_lambdas blend the normed input embedding back in (a direct path from the
+        # tokens to deep layers). Separate parameters so the optimizer can treat them apart.
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         head_dim = config.n_embd // config.n_head
         kv_dim = config.n_kv_head * head_dim
+        # Alternating layers (last always) worked better upstream than a few VEs or one per layer.
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(padded_vocab_size, kv_dim)
                                            for i in range(config.n_layer) if has_ve(i, config.n_layer)})
         # 10x the training context so generation can run past it; never saved in checkpoints.
@@ -199,9 +207,12 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Write every parameter and buffer (call after to_empty)."""
+        # wte std 1: the forward RMS-normalises the looked-up rows, so no 1/sqrt(C) scaling is needed.
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        # lm_head tiny: initial logits ~0, i.e. near-uniform predictions (loss starts near ln V).
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        s = 3**0.5 * self.config.n_embd**-0.5  # uniform bound with std 1/sqrt(C)
+        # Matrices: uniform rather than normal (no outliers), bound sqrt(3)/sqrt(C) so std = 1/sqrt(C).
+        s = 3**0.5 * self.config.n_embd**-0.5
         for block in self.transformer.h:
             torch.nn.init.uniform_(block.attn.c_q.weight, -s, s)
             torch.nn.init.uniform_(block.attn.c_k.weight, -s, s)
@@ -209,9 +220,9 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(block.attn.c_proj.weight)  # residual branches start as identity
             torch.nn.init.uniform_(block.mlp.c_fc.weight, -s, s)
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
-        for ve in self.value_embeds.values():
+        self.resid_lambdas.fill_(1.0)  # plain residual connections at init
+        self.x0_lambdas.fill_(0.1)     # a small initial weight on the skip to the input embedding
+        for ve in self.value_embeds.values():  # like c_v: uniform, same std
             torch.nn.init.uniform_(ve.weight, -s, s)
         for block in self.transformer.h:
             if block.attn.ve_gate is not None:
@@ -296,16 +307,22 @@ class GPT(nn.Module):
         x0_params = [self.x0_lambdas]
         assert len(list(self.parameters())) == (len(matrix_params) + len(embedding_params) + len(lm_head_params)
                                                 + len(value_embeds_params) + len(resid_params) + len(x0_params))
+        # AdamW LRs were tuned at width 768; scale them by 1/sqrt(width/768) for other widths.
         dmodel_lr_scale = (model_dim / 768) ** -0.5
         print0(f"Scaling the LR for the AdamW parameters ∝1/√({model_dim}/768) = {dmodel_lr_scale:.6f}")
         adam = dict(kind="adamw", betas=tuple(adam_betas), eps=1e-10, weight_decay=0.0)
+        # Muon is for the 2-D hidden-layer matrices; the unembedding, the embedding tables (token
+        # lookups, not hidden linear maps) and the scalars get AdamW, as in modded-nanogpt.
         param_groups = [
             dict(adam, params=lm_head_params, lr=unembedding_lr * dmodel_lr_scale),
             dict(adam, params=embedding_params, lr=embedding_lr * dmodel_lr_scale),
             dict(adam, params=value_embeds_params, lr=embedding_lr * dmodel_lr_scale),
+            # resid_lambdas multiply the stream and compound through the layers: ~100x smaller LR
+            # than the additive x0_lambdas, whose higher beta1 (0.96) came out of an upstream sweep.
             dict(adam, params=resid_params, lr=scalar_lr * 0.01),
             dict(adam, params=x0_params, lr=scalar_lr, betas=(0.96, 0.95)),
         ]
+        # One Muon group per shape: its matrices are stacked and updated by one fused kernel.
         for shape in sorted({tuple(p.shape) for p in matrix_params}):
             group_params = [p for p in matrix_params if tuple(p.shape) == shape]
             param_groups.append(dict(kind="muon", params=group_params, lr=matrix_lr, momentum=0.95, ns_steps=5,
@@ -330,7 +347,7 @@ class GPT(nn.Module):
         dtype = self.rotary_dtype(idx.device.type)
         cos_sin = self.cos[:, T0:T0 + T].to(dtype), self.sin[:, T0:T0 + T].to(dtype)
         x = norm(self.transformer.wte(idx))
-        x0 = x  # the normed embedding, mixed back into every layer
+        x0 = x  # the normed embedding, mixed back into every layer (x0_lambdas)
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
@@ -343,6 +360,8 @@ class GPT(nn.Module):
                                                 torch.get_autocast_dtype("cpu") if autocast else None)
         logits = self.lm_head(x)
         logits = logits[..., :self.config.vocab_size].float()
+        # Soft-cap: squash smoothly into (-15, 15) so no logit can grow without bound; near-identity
+        # for small logits. In fp32, like the loss.
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is not None:
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,

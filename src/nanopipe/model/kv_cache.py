@@ -1,8 +1,9 @@
-"""KV cache for incremental decoding, in the layout flash-attention's kvcache API expects.
+"""KV cache for incremental decoding, in the layout flash-attention's kvcache API expects
+(nanochat nanochat/engine.py @1ec0a34, KVCache).
 
-Contract with the model (spec model-and-pretraining §4): every layer of one forward writes at
-the same position `get_pos()`; the attention module of the LAST layer calls `advance(T)` once,
-after its write. `cache_seqlens` is int32 because FA3 requires it.
+Contract with the model: every layer of one forward writes at the same position `get_pos()`;
+the attention module of the LAST layer calls `advance(T)` once, after its write.
+`cache_seqlens` is int32 because FA3 requires it.
 """
 from __future__ import annotations
 

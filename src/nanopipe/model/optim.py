@@ -1,6 +1,12 @@
 """Muon + AdamW, single-process (`MuonAdamW`) and ZeRO-2-style distributed (`DistMuonAdamW`).
 
-Follows nanochat's optim.py. Each parameter group has `kind`:
+Follows nanochat's (nanochat nanochat/optim.py @1ec0a34), itself adapted from modded-nanogpt.
+Which parameters go where (GPT.setup_optimizer): Muon takes the 2-D matrices of the transformer
+blocks, the hidden linear maps whose updates it orthogonalises so every direction of a matrix
+moves at a comparable rate; AdamW takes what is not such a map: the token embedding and value
+embedding tables (lookups), the unembedding lm_head, and the per-layer scalars.
+
+Each parameter group has `kind`:
 - 'adamw': keys lr, betas, eps, weight_decay. Decoupled-decay AdamW with bias correction.
 - 'muon':  keys lr, momentum, ns_steps, beta2, weight_decay. All params of a group share one
   shape and are updated stacked: Nesterov momentum -> Polar Express orthogonalisation (bf16)
@@ -70,7 +76,8 @@ def muon_step_fused(stacked_grads: Tensor, stacked_params: Tensor, momentum_buff
     momentum = _as(momentum_t, stacked_grads)
     momentum_buffer.lerp_(stacked_grads, 1 - momentum)
     g = stacked_grads.lerp_(momentum_buffer, momentum)
-    # Polar Express orthogonalisation in bf16 (replaces Newton-Schulz)
+    # Polar Express orthogonalisation in bf16 (replaces Newton-Schulz): maps the momentum to
+    # (approximately) the nearest semi-orthogonal matrix: singular values pushed towards 1.
     X = g.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     if g.size(-2) > g.size(-1):  # tall: iterate on the small c x c Gram matrix
@@ -84,7 +91,8 @@ def muon_step_fused(stacked_grads: Tensor, stacked_params: Tensor, momentum_buff
             B = b * A + c * (A @ A)
             X = a * X + B @ X
     g = X
-    # NorMuon: normalise each row (or column) by its running RMS, keep the Frobenius norm
+    # NorMuon (arXiv 2510.05491): Muon's output has uneven scales across neurons; normalise each
+    # row (or column) by its running RMS, keeping the Frobenius norm
     beta2 = _as(beta2_t, second_momentum_buffer)
     v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
     red_dim_size = g.size(red_dim)

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from nanopipe.eval.execution import execute_code
+from nanopipe.sandbox import execute_code
 from nanopipe.tasks.common import Task
 
 

@@ -1,11 +1,12 @@
 """Byte-level BPE tokenizer: a native trainer for fitting, tiktoken for encoding.
 
-Follows nanochat's RustBPETokenizer (seed 2791-2960): the GPT-4 style split pattern with
-1-2 digit groups, 256 byte tokens plus learned merges, and the 9 special tokens on top.
+Follows nanochat's RustBPETokenizer (nanochat nanochat/tokenizer.py @1ec0a34): the GPT-4 style
+split pattern with 1-2 digit groups, 256 byte tokens plus learned merges, and the 9 special
+tokens on top.
 Differences, on purpose:
 - persistence is a documented JSON file (`tokenizer.json`, below), not a pickle, so it
   loads in any process and is safe to read;
-- `token_bytes.pt` holds each token's *raw* byte length (decision 5), not the length of
+- `token_bytes.pt` holds each token's *raw* byte length (docs/decisions.md, D5), not the length of
   a lossy UTF-8 decode;
 - lone surrogates in the input raise a clear error (tiktoken would silently replace them);
 - `encode_special` only resolves special tokens and names the known ones otherwise.
@@ -78,7 +79,8 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 
 
 def _train_tokenizers(text_iterator, n_tokens: int) -> dict[bytes, int]:
-    # HF `tokenizers` BpeTrainer configured as nanochat's HuggingFaceTokenizer (seed 2050-2070),
+    # HF `tokenizers` BpeTrainer configured as nanochat's HuggingFaceTokenizer.train_from_iterator
+    # (nanochat nanochat/tokenizer.py @1ec0a34),
     # but without specials: we append those ourselves at the top of the vocab.
     from tokenizers import Regex, decoders, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
@@ -238,7 +240,7 @@ class Tokenizer:
 
     def token_bytes(self):
         """int32 tensor [vocab]: raw byte length of each token, 0 for special tokens.
-        Raw bytes (decision 5): a token holding part of a UTF-8 character counts its real
+        Raw bytes (docs/decisions.md, D5): a token holding part of a UTF-8 character counts its real
         length, not the 3 bytes of the U+FFFD that decoding it alone would give."""
         import torch
 

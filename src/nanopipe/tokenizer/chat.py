@@ -1,4 +1,5 @@
-"""Conversation rendering: chat messages -> token ids plus a loss mask (nanochat seed 2880-2960).
+"""Conversation rendering: chat messages -> token ids plus a loss mask
+(nanochat nanochat/tokenizer.py @1ec0a34, RustBPETokenizer.render_conversation).
 
 A conversation is {"messages": [{"role": ..., "content": ...}, ...]}. Roles alternate
 user, assistant, user, ... An optional leading system message is folded into the first

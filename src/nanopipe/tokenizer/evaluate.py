@@ -1,4 +1,4 @@
-"""Work function of the `tok_eval` stage (nanochat's scripts/tok_eval.py, seed 8141-8530).
+"""Work function of the `tok_eval` stage (nanochat scripts/tok_eval.py @1ec0a34).
 
 Compression ratio (UTF-8 bytes per token, higher is better) of our tokenizer against the
 GPT-2 and GPT-4 (cl100k_base) tiktoken encodings, on five fixed samples plus a sample of
@@ -15,9 +15,10 @@ import threading
 
 from nanopipe.tokenizer.bpe import Tokenizer
 
-# The five fixed samples, verbatim from the seed (lines 8157-8292). The seed strips blank
-# lines, so the originals may have had a few more; byte counts are news 1817, korean 890,
-# code 1255, math 1825, science 1112.
+# The five fixed samples, from nanochat scripts/tok_eval.py @1ec0a34, verbatim except that the
+# blank lines inside them are dropped: byte counts here news 1817, korean 890, code 1255,
+# math 1825, science 1112 (upstream 1819, 893, 1259, 1834, 1112). Kept as they are, so that
+# our tok_eval numbers stay comparable from run to run.
 NEWS_TEXT = r"""
 (Washington, D.C., July 9, 2025)- Yesterday, Mexico’s National Service of Agro-Alimentary Health, Safety, and Quality (SENASICA) reported a new case of New World Screwworm (NWS) in Ixhuatlan de Madero, Veracruz in Mexico, which is approximately 160 miles northward of the current sterile fly dispersal grid, on the eastern side of the country and 370 miles south of the U.S./Mexico border. This new northward detection comes approximately two months after northern detections were reported in Oaxaca and Veracruz, less than 700 miles away from the U.S. border, which triggered the closure of our ports to Mexican cattle, bison, and horses on May 11, 2025.
 While USDA announced a risk-based phased port re-opening strategy for cattle, bison, and equine from Mexico beginning as early as July 7, 2025, this newly reported NWS case raises significant concern about the previously reported information shared by Mexican officials and severely compromises the outlined port reopening schedule of five ports from July 7-September 15. Therefore, in order to protect American livestock and our nation’s food supply, Secretary Rollins has ordered the closure of livestock trade through southern ports of entry effective immediately.
@@ -257,7 +258,8 @@ def evaluate_tokenizer(tokenizer: Tokenizer, val_text: str = "", train_text: str
 
 
 def markdown_report(metrics: dict) -> str:
-    """tok_eval's report section body: one comparison table per baseline (seed 8490-8530)."""
+    """tok_eval's report section body: one comparison table per baseline, as in
+    nanochat scripts/tok_eval.py @1ec0a34."""
     ours = metrics["results"]["ours"]
     lines = []
     for key, st in metrics["baselines"].items():

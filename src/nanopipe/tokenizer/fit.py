@@ -1,4 +1,4 @@
-"""Work function of the `tokenizer` stage (nanochat's scripts/tok_train.py, seed 7856-8140).
+"""Work function of the `tokenizer` stage (nanochat scripts/tok_train.py @1ec0a34).
 
 Feeds the trainer a bounded stream of documents: each truncated to `doc_cap` characters,
 stopping once more than `max_chars` characters have been yielded (checked after the
@@ -53,7 +53,7 @@ def token_bytes_stats(token_bytes) -> dict:
 
 
 def compute_token_bytes(tokenizer: Tokenizer):
-    """int32 [vocab]: raw byte length per token, 0 for specials (decision 5)."""
+    """int32 [vocab]: raw byte length per token, 0 for specials (docs/decisions.md, D5)."""
     return tokenizer.token_bytes()
 
 

@@ -1,7 +1,6 @@
 """Pieces every training stage (pretrain, SFT, RL) shares; each stage's loop reads top to bottom.
 
-- `Device`: the process's device, dtype, autocast and torch.distributed setup from config.
-- `lr_multiplier`, `muon_momentum`, `apply_schedule`: nanochat's schedules.
+- `optimizer_step`: set this step's schedules (nanopipe.train.schedules), step, free the grads.
 - `Resume`: in-progress checkpoints under models/resume/<stage>/ (not a DVC output, so
   DVC never deletes it before a rerun). A checkpoint is used only when it was written by
   a run with the same fingerprint (config + inputs); otherwise the stage starts fresh.
@@ -16,108 +15,22 @@ import math
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-from omegaconf import DictConfig
 from tqdm import tqdm
 
 from nanopipe import paths
-from nanopipe.model.checkpoint import find_last_step, load_checkpoint, save_checkpoint, step_dir
-from nanopipe.runtime import (autocast_ctx, autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
-                              get_max_memory, get_peak_flops, synchronize)
-from nanopipe.stage import Stage
+from nanopipe.model.checkpoint import (
+    find_last_step,
+    load_checkpoint,
+    save_checkpoint,
+    step_dir,
+)
+from nanopipe.runtime import Device, barrier, is_rank0
+from nanopipe.train.schedules import apply_schedule
 
 log = logging.getLogger("nanopipe.train")
-
-
-@dataclass
-class Device:
-    ddp: bool
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    dtype: torch.dtype
-    peak_flops: float
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        return autocast_ctx(self.device, self.dtype)
-
-    def sync(self) -> None:
-        synchronize(self.device)
-
-    def max_memory_mib(self) -> float:
-        if self.device.type == "cpu":
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
-        return get_max_memory(self.device) / 2**20
-
-    def all_reduce_mean(self, value: float) -> float:
-        return self.all_reduce_sum([value])[0] / self.world_size
-
-    def all_reduce_max(self, value: float) -> float:
-        if not self.ddp:
-            return value
-        t = torch.tensor(value, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        if not self.ddp:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def close(self) -> None:
-        compute_cleanup()
-
-
-def setup_device(cfg: DictConfig) -> Device:
-    rt = cfg.runtime
-    device_type = autodetect_device_type() if rt.device == "auto" else rt.device
-    if device_type == "cpu" and rt.threads > 0:
-        torch.set_num_threads(rt.threads)
-    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=rt.seed)
-    peak = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
-    return Device(ddp, rank, local_rank, world_size, device, compute_dtype(device, rt.dtype), peak)
-
-
-def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
-    """Linear warmup, constant, then linear warmdown to final_lr_frac (nanochat's schedule)."""
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
-    if it < warmup:
-        return (it + 1) / warmup
-    if it <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - it) / warmdown
-    return progress + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(it: int) -> float:
-    """Muon momentum ramps linearly from 0.85 to 0.95 over the first 300 steps."""
-    frac = min(it / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-def apply_schedule(optimizer, lrm: float, momentum: float | None = None, weight_decay: float | None = None) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lrm
-        if group.get("kind") == "muon":
-            if momentum is not None:
-                group["momentum"] = momentum
-            if weight_decay is not None:
-                group["weight_decay"] = weight_decay
 
 
 def optimizer_step(optimizer, model, lrm: float, momentum: float | None = None, weight_decay: float | None = None) -> None:
@@ -125,6 +38,14 @@ def optimizer_step(optimizer, model, lrm: float, momentum: float | None = None, 
     apply_schedule(optimizer, lrm, momentum, weight_decay)
     optimizer.step()
     model.zero_grad(set_to_none=True)
+
+
+def scale_initial_lrs(optimizer, frac: float) -> None:
+    """Start every group at `frac` of its configured LR; the schedules then multiply this initial LR
+    (SFT's and RL's `init_lr_frac`, nanochat chat_sft.py / chat_rl.py)."""
+    for group in optimizer.param_groups:
+        group["lr"] *= frac
+        group["initial_lr"] = group["lr"]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -136,7 +57,8 @@ def fingerprint(*parts: Any) -> str:
 class Resume:
     """In-progress checkpoints of one stage, valid only for the run that wrote them."""
 
-    def __init__(self, stage: Stage, run_fingerprint: str, root: Path = paths.RESUME):
+    def __init__(self, stage, run_fingerprint: str, root: Path = paths.RESUME):
+        """`stage`: the running nanopipe.stage.Stage (its name, and its plot rows to save and restore)."""
         self.stage = stage
         self.dir = root / stage.name
         self.fingerprint = run_fingerprint
@@ -163,17 +85,16 @@ class Resume:
     def save(self, step: int, model, optimizer, meta: dict) -> None:
         """Every rank calls this; the previous checkpoint is removed once the new one is on disk."""
         previous = find_last_step(self.dir)
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_rank0():
             for stale in self.dir.glob(".step_*"):  # temp dirs of a save that was killed midway
                 shutil.rmtree(stale, ignore_errors=True)
         save_checkpoint(step_dir(self.dir, step), model, optimizer, {**meta, "step": step, "fingerprint": self.fingerprint, "plots": self.stage.plot_rows()})
-        if dist.is_initialized():
-            dist.barrier()
-        if (not dist.is_initialized() or dist.get_rank() == 0) and previous is not None and previous != step:
+        barrier()
+        if is_rank0() and previous is not None and previous != step:
             shutil.rmtree(step_dir(self.dir, previous), ignore_errors=True)
 
     def clear(self) -> None:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_rank0():
             shutil.rmtree(self.dir, ignore_errors=True)
 
 

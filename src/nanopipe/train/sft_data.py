@@ -1,4 +1,4 @@
-"""SFT data: the conversation mixture and the packing loader (nanochat chat_sft.py, seed L7319-L7597).
+"""SFT data: the conversation mixture and the packing loader (nanochat scripts/chat_sft.py @1ec0a34).
 
 `build_mixture(sft_cfg, split)` returns the TaskMixture the stage trains (split="train") or
 validates (split="val") on:
@@ -9,7 +9,7 @@ validates (split="val") on:
             val = the test splits of the three synthetic tasks (val_examples rows each)
 
 `sft_batches(...)` packs rendered conversations into rows of max_seq_len + 1 tokens, best fit
-first, as nanochat does, with two deliberate differences (spec decisions 1 and 2):
+first, as nanochat does, with two deliberate differences (docs/decisions.md, D1 and D2):
 - supervision comes from the render mask: targets are -1 everywhere except the assistant's
   own tokens (its text, its tool calls, <|assistant_end|>); user turns, tool outputs, BOS and
   padding are never trained on;

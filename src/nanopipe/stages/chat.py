@@ -1,20 +1,46 @@
-"""
-Terminal chat with a model (`nanopipe chat`): an interactive loop, or one answer with a prompt.
+"""`nanopipe chat`: talk to the newest model in the terminal (the one command that is not a DVC stage).
 
-    run_chat(model, tokenizer)                      # interactive: quit/exit, clear, Ctrl-D
-    run_chat(model, tokenizer, prompt="Hi there")   # answer once and return
+    nanopipe chat                       # interactive: quit/exit, clear, Ctrl-D
+    nanopipe chat --prompt "Hi there"   # answer once and exit
 
-Replies stream as they decode, never splitting a UTF-8 character. The conversation is kept
-as tokens; when it would no longer fit the model's context with room for a reply, the
-oldest turns are dropped.
+The model is the checkpoint `serve.source` names (auto: the newest of rl, sft, base). Replies
+stream as they decode, never splitting a UTF-8 character. The conversation is kept as tokens; when
+it would no longer fit the model's context with room for a reply, the oldest turns are dropped.
 """
+from __future__ import annotations
+
+import argparse
 import random
 import sys
 
 import torch
 
+from nanopipe import paths
+from nanopipe.inference.engine import Engine, TextStream
+from nanopipe.model.checkpoint import load_model
 from nanopipe.runtime import autocast_ctx, compute_dtype
-from nanopipe.serve.engine import Engine, TextStream
+from nanopipe.stage import DEVICE_PARAMS, Stage
+from nanopipe.tokenizer import load_tokenizer
+
+PARAMS = ["serve", *DEVICE_PARAMS]
+TRACKED = False  # an interactive session is not a run worth an MLflow entry
+
+
+def parse_options(argv: list[str], cfg) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="nanopipe chat", description="Chat with the newest model in the terminal.")
+    ap.add_argument("--prompt", "-p", default=None, help="answer this one prompt and exit")
+    ap.add_argument("--temperature", "-t", type=float, default=cfg.serve.temperature)
+    ap.add_argument("--top-k", "-k", type=int, default=cfg.serve.top_k)
+    ap.add_argument("--max-tokens", type=int, default=cfg.serve.max_tokens)
+    return ap.parse_args(argv)
+
+
+def run(st: Stage) -> None:
+    args = st.options or parse_options([], st.cfg)
+    tokenizer = load_tokenizer(paths.TOKENIZER)
+    model, _ = load_model(paths.checkpoint_dir(st.cfg.serve.source), st.dev.device, "eval", tokenizer=tokenizer)
+    run_chat(model, tokenizer, prompt=args.prompt, temperature=args.temperature, top_k=args.top_k,
+             max_tokens=args.max_tokens, dtype=st.cfg.runtime.dtype)
 
 
 def run_chat(model, tokenizer, prompt=None, temperature=0.6, top_k=50, max_tokens=256, input_fn=input,

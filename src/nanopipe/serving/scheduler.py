@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from nanopipe.model.gpt import SOFTCAP, apply_rotary_emb, norm
 from nanopipe.model.kv_cache import KVCache
-from nanopipe.serve.engine import RowState, ToolTokens, kv_cache_dtype, sample_next_token, step_row
+from nanopipe.inference.engine import RowState, ToolTokens, kv_cache_dtype, sample_next_token, step_row
 
 logger = logging.getLogger(__name__)
 

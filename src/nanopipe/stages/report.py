@@ -28,12 +28,12 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
-from omegaconf import DictConfig
-
 from nanopipe import artifacts, paths
 from nanopipe.stage import Stage
 
 log = logging.getLogger("nanopipe.report")
+
+PARAMS = ["report"]
 
 # The lifecycle, in order. The report shows each one, run or not.
 STAGES = ["download", "tokenizer", "tok_eval", "pretrain", "base_eval", "sft", "rl", "chat_eval"]
@@ -47,7 +47,7 @@ CHAT_BOOKKEEPING = {"step", "wall_time_s", "world_size", "problems_per_s", "num_
 
 # ----------------------------------------------------------------------------- header
 
-def run(cmd: list[str], cwd: Path, strip: bool = True) -> str | None:
+def run_command(cmd: list[str], cwd: Path, strip: bool = True) -> str | None:
     """stdout of a short command ('' when it printed nothing), None when it failed."""
     try:
         p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
@@ -65,17 +65,17 @@ def git_info(root: Path) -> dict[str, Any]:
     except what the pipeline itself writes while it runs (dvc.lock, the metrics/ tree and
     the .gitignore files DVC adds for its outputs), or every pipeline run would be dirty.
     """
-    commit = run(["git", "rev-parse", "HEAD"], root)
+    commit = run_command(["git", "rev-parse", "HEAD"], root)
     if not commit:
         return {"commit": "unknown", "short": "unknown", "branch": "unknown", "message": "", "dirty": None, "changed": []}
     # "XY path" lines: the leading columns matter, so no strip; every untracked file, not just its dir
-    status = run(["git", "status", "--porcelain", "--untracked-files=all"], root, strip=False)
+    status = run_command(["git", "status", "--porcelain", "--untracked-files=all"], root, strip=False)
     changed = [p for line in (status or "").splitlines() if not _pipeline_output(p := line[3:].strip('"'))]
     return {
         "commit": commit,
         "short": commit[:7],
-        "branch": run(["git", "rev-parse", "--abbrev-ref", "HEAD"], root) or "unknown",
-        "message": (run(["git", "log", "-1", "--pretty=%B"], root) or "").split("\n")[0][:80],
+        "branch": run_command(["git", "rev-parse", "--abbrev-ref", "HEAD"], root) or "unknown",
+        "message": (run_command(["git", "log", "-1", "--pretty=%B"], root) or "").split("\n")[0][:80],
         "dirty": None if status is None else bool(changed),
         "changed": changed,
     }
@@ -356,12 +356,11 @@ def build(root: Path, gpu_hourly_rate: float, cpu_hourly_rate: float, gpus_per_n
     return report, summary, metrics
 
 
-def main(cfg: DictConfig) -> None:
-    r = cfg.report
-    with Stage("report", cfg, sections=["report"]) as st:
-        report, summary, metrics = build(Path.cwd(), r.gpu_hourly_rate, r.cpu_hourly_rate, r.gpus_per_node)
-        artifacts.write_text(REPORT, report)
-        st.tracker.log_artifact(REPORT)
-        log.info("wrote %s (%d of %d stages ran)", REPORT, metrics["stages_run"], len(STAGES))
-        print(summary)
-        st.finish(metrics, summary)
+def run(st: Stage) -> None:
+    r = st.cfg.report
+    report, summary, metrics = build(Path.cwd(), r.gpu_hourly_rate, r.cpu_hourly_rate, r.gpus_per_node)
+    artifacts.write_text(REPORT, report)
+    st.tracker.log_artifact(REPORT)
+    log.info("wrote %s (%d of %d stages ran)", REPORT, metrics["stages_run"], len(STAGES))
+    print(summary)
+    st.finish(metrics, summary)

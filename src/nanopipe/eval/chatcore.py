@@ -1,6 +1,5 @@
-"""The `chat_eval` stage (nanochat's chat_eval.py): task accuracies and ChatCORE of chat models.
+"""ChatCORE (nanochat's chat_eval.py): task accuracies of a chat model, and their centred mean.
 
-Each source in chat_eval.sources (models/sft, models/rl, ...) is evaluated on each task:
 - categorical tasks (ARC, MMLU): one batched forward over the prompts, then the argmax over
   the logits of the answer letters at the <|assistant_start|> position (no sampling);
 - generative tasks (GSM8K, HumanEval, SpellingBee, Arithmetic): sample with the Engine
@@ -9,14 +8,7 @@ Each source in chat_eval.sources (models/sft, models/rl, ...) is evaluated on ea
 Problems are sharded by rank and the counts all-reduced, so 1 and N ranks give the same totals.
 
 ChatCORE = mean over tasks of (accuracy - baseline) / (1 - baseline), baselines 0.25 for the
-multiple-choice tasks and 0 for the rest. nanochat reports it only when all six standard tasks
-ran; here it is computed over the tasks that ran and the metrics say which (ChatCORE_tasks,
-ChatCORE_complete). A remote task whose data cannot be had (offline, no local copy) is
-recorded as unavailable with the reason; a source whose checkpoint is missing is skipped with
-a note. Arithmetic is the embedded, offline GSM8K-format task, reported under its own name.
-
-Outputs: metrics/chat_eval.json ({source: {task: accuracy | null, ChatCORE, ...}}) and the
-report section.
+multiple-choice tasks and 0 for the rest.
 """
 from __future__ import annotations
 
@@ -24,15 +16,9 @@ import logging
 import time
 
 import torch
-import torch.distributed as dist
-from omegaconf import DictConfig
 
-from nanopipe import paths
-from nanopipe.model.checkpoint import load_model
-from nanopipe.runtime import get_dist_info
-from nanopipe.serve.engine import Engine
-from nanopipe.stage import Stage
-from nanopipe.tokenizer import load_tokenizer
+from nanopipe.inference.engine import Engine
+from nanopipe.runtime import all_reduce, get_dist_info
 
 log = logging.getLogger("nanopipe.chat_eval")
 
@@ -61,11 +47,7 @@ def build_task(name: str, dataset_dir: str | None = None, cache_dir: str | None 
 
 
 def _sum_across_ranks(values: list[int], device) -> list[int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return all_reduce(torch.tensor(values, dtype=torch.long, device=device)).tolist()
 
 
 def _num_problems(task, max_problems: int | None) -> int:
@@ -155,71 +137,3 @@ def evaluate_model(model, tokenizer, tasks: dict, c, autocast) -> dict:
                      "time_s": round(time.time() - t0, 3)}
         log.info("%s: %d/%d (%.2f%%) in %.1f s", name, passed, total, 100 * passed / max(total, 1), out[name]["time_s"])
     return out
-
-
-def main(cfg: DictConfig) -> None:
-    from nanopipe.tasks import DatasetUnavailableError
-    from nanopipe.train.loop import setup_device
-
-    c = cfg.chat_eval
-    for name in c.tasks:
-        if name not in BASELINES:
-            raise ValueError(f"chat_eval.tasks: unknown task {name!r}; expected some of {list(BASELINES)}")
-    for source in c.sources:
-        if source not in paths.CHECKPOINTS:
-            raise ValueError(f"chat_eval.sources: unknown source {source!r}; expected some of {list(paths.CHECKPOINTS)}")
-    if c.batch_size < 1 or c.num_samples < 1 or c.max_new_tokens < 1:
-        raise ValueError(f"chat_eval.batch_size, num_samples and max_new_tokens must be >= 1, got "
-                         f"{c.batch_size}, {c.num_samples}, {c.max_new_tokens}")
-    dev = setup_device(cfg)
-    with Stage("chat_eval", cfg, sections=["chat_eval"]) as st:
-        tokenizer = load_tokenizer(paths.TOKENIZER)
-        tasks, unavailable = {}, {}
-        for name in c.tasks:
-            try:
-                tasks[name] = build_task(name, c.dataset_dir)
-            except (DatasetUnavailableError, ImportError, FileNotFoundError) as e:
-                unavailable[name] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-                log.warning("%s unavailable: %s", name, unavailable[name])
-
-        metrics: dict = {"tasks": ",".join(c.tasks), "unavailable": unavailable}
-        report = [f"- tasks: {', '.join(c.tasks)}; max problems per task: {'all' if c.max_problems < 0 else c.max_problems}",
-                  f"- generative sampling: temperature {c.temperature}, top-k {c.top_k}, {c.num_samples} sample(s), "
-                  f"max {c.max_new_tokens} new tokens; world size {dev.world_size}"]
-        report += [f"- {name}: unavailable ({reason})" for name, reason in unavailable.items()]
-        problems, seconds = 0, 0.0
-        for source in c.sources:
-            ckpt = paths.CHECKPOINTS[source]
-            if not (ckpt / "meta.json").exists():
-                note = f"{ckpt}: checkpoint not found; run the `{source}` stage to evaluate it"
-                log.warning("skipping source %s: %s", source, note)
-                metrics[source] = {"skipped": note}
-                report += ["", f"### {source}", "", f"Skipped: {note}"]
-                continue
-            model, meta = load_model(ckpt, dev.device, "eval", tokenizer=tokenizer)
-            results = evaluate_model(model, tokenizer, tasks, c, dev.autocast)
-            del model
-            accuracies = {name: results[name]["accuracy"] if name in results else None for name in c.tasks}
-            ran = {k: v for k, v in accuracies.items() if v is not None}
-            complete = all(t in ran for t in STANDARD_TASKS)  # then ChatCORE is nanochat's, over the six only
-            score, used = chatcore({t: ran[t] for t in STANDARD_TASKS} if complete else ran)
-            metrics[source] = {"step": meta.get("step"), **accuracies, "ChatCORE": score,
-                               "ChatCORE_tasks": ",".join(used), "ChatCORE_complete": complete,
-                               "counts": {k: {f: v[f] for f in ("passed", "total", "time_s")} for k, v in results.items()}}
-            problems += sum(v["total"] for v in results.values())
-            seconds += sum(v["time_s"] for v in results.values())
-            report += ["", f"### {source} ({ckpt}, step {meta.get('step')})", "",
-                       "| task | accuracy | centred | problems |", "|---|---:|---:|---:|"]
-            for name in c.tasks:
-                if name in results and results[name]["accuracy"] is not None:
-                    acc = results[name]["accuracy"]
-                    centred = (acc - BASELINES[name]) / (1 - BASELINES[name])
-                    report.append(f"| {name} | {acc:.4f} | {centred:.4f} | {results[name]['total']} |")
-                else:
-                    report.append(f"| {name} | unavailable | | 0 |")
-            scope = "over the six standard tasks" if complete else \
-                f"computed over {', '.join(used) or 'no task'} only, not the six standard tasks"
-            report += ["", f"ChatCORE: {'n/a' if score is None else f'{score:.4f}'} ({scope})"]
-        metrics["problems_per_s"] = problems / seconds if seconds > 0 else None
-        st.finish(metrics, "\n".join(report))
-    dev.close()

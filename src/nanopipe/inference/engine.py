@@ -1,5 +1,7 @@
 """
-Inference engine: KV-cached sampling with the calculator tool.
+Inference engine: KV-cached sampling with the calculator tool (nanochat's engine.py). Below training,
+evaluation and serving alike: SFT's probes, RL's rollouts, chat_eval, the server and `nanopipe chat`
+all decode through it.
 
 Everything here works on token ids; the tokenizer is only used to resolve the special
 tokens and to decode/encode calculator expressions and results. The model contract
@@ -9,8 +11,8 @@ tokens and to decode/encode calculator expressions and results. The model contra
     model.forward(ids[B, T], kv_cache=KVCache) -> float logits [B, T, V], advancing the cache by T
 
 Engine.generate prefills the prompt once (batch 1) and broadcasts the cache to
-num_samples rows; every row then samples its own tokens. Engine.generate_batch is the
-non-streaming wrapper that base_eval, chat_eval and RL use.
+num_samples rows; every row then samples its own tokens. Engine.generate_rows/generate_batch
+are the non-streaming wrappers (RL's rollouts, chat_eval's generative tasks, SFT's probes).
 """
 import signal
 import threading
@@ -21,7 +23,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
-from nanopipe.model.kv_cache import KVCache  # re-exported: nanochat's engine module owned it
+from nanopipe.model.kv_cache import (
+    KVCache,  # re-exported: nanochat's engine module owned it
+)
 
 __all__ = ["KVCache", "sample_next_token", "RowState", "use_calculator", "eval_with_timeout",
            "timeout", "Engine", "kv_cache_dtype", "TextStream"]
@@ -263,25 +267,33 @@ class Engine:
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
             logits = decode_forward(model, ids, decode_cache, device)[:, -1, :]
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Non-streaming: (results, masks), each row = prompt + generated tokens without the
-        terminator; masks are 0 over the prompt and forced tokens, 1 over sampled ones."""
+    def generate_rows(self, tokens, num_samples=1, keep_stop=False, **kwargs):
+        """Non-streaming: (rows, masks, stopped). Each row is the prompt + its generated tokens, up to
+        <|assistant_end|> or <|bos|>; masks are 0 over the prompt and forced tokens, 1 over sampled ones;
+        stopped[i] says whether row i ended by sampling a stop token. keep_stop=True keeps that token
+        (sampled, mask 1) at the end of the row: RL trains on it, so stopping is reinforced too."""
         special = ToolTokens(self.tokenizer)
-        results = [tokens.copy() for _ in range(num_samples)]
+        stop = (special.assistant_end, special.bos)
+        rows = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
-        completed = [False] * num_samples
+        stopped = [False] * num_samples
         for column, column_masks in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(column, column_masks)):
-                if completed[i]:
-                    continue
-                if token == special.assistant_end or token == special.bos:
-                    completed[i] = True
-                else:
-                    results[i].append(token)
+                if stopped[i]:
+                    continue  # rows keep producing ignorable tokens after they finish
+                stopped[i] = token in stop
+                if keep_stop or not stopped[i]:
+                    rows[i].append(token)
                     masks[i].append(mask)
-            if all(completed):
+            if all(stopped):
                 break
-        return results, masks
+        return rows, masks, stopped
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """(rows, masks) of `generate_rows`, stop tokens left out (what evaluation grades)."""
+        rows, masks, _ = self.generate_rows(tokens, num_samples, **kwargs)
+        return rows, masks
+
 
 # -----------------------------------------------------------------------------
 # Streaming detokenization
@@ -316,59 +328,3 @@ class TextStream:
         text = self.tokenizer.decode(self.held) if self.held else ""
         self.held = []
         return text
-
-# -----------------------------------------------------------------------------
-# Self-test: python -m nanopipe.serve.engine --ckpt models/base --tokenizer models/tokenizer
-
-
-def main(argv=None):
-    """Greedy-decode one prompt with the model's naive reference generate and with the Engine;
-    the tokens must match (the Engine's KV cache changes speed, not results)."""
-    import argparse
-    import time
-
-    from nanopipe.model.checkpoint import load_model
-    from nanopipe.runtime import autocast_ctx, autodetect_device_type, compute_dtype
-    from nanopipe.tokenizer import load_tokenizer
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--ckpt", default="models/base", help="checkpoint directory (with meta.json)")
-    ap.add_argument("--tokenizer", default="models/tokenizer", help="tokenizer directory")
-    ap.add_argument("--device", default="", help="cuda|cpu|mps; empty = autodetect")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--prompt", default="The chemical formula of water is")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device or autodetect_device_type())
-    tokenizer = load_tokenizer(args.tokenizer)
-    model, _ = load_model(args.ckpt, device, phase="eval", tokenizer=tokenizer)
-    prompt = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with autocast_ctx(device, compute_dtype(device)):
-        t0 = time.time()
-        reference = []
-        for token in model.generate(prompt, args.max_tokens, temperature=0.0):
-            reference.append(token)
-            print(tokenizer.decode([token]), end="", flush=True)
-        sync()
-        print(f"\nReference time: {time.time() - t0:.2f}s")
-        t0 = time.time()
-        ours = []
-        for column, _ in Engine(model, tokenizer).generate(prompt, num_samples=1, max_tokens=args.max_tokens,
-                                                           temperature=0.0):
-            ours.append(column[0])
-            print(tokenizer.decode([column[0]]), end="", flush=True)
-        sync()
-        print(f"\nEngine time: {time.time() - t0:.2f}s")
-    mismatch = next((i for i, (a, b) in enumerate(zip(reference, ours)) if a != b), None)
-    if mismatch is not None:
-        print(f"Mismatch at {mismatch}: reference {reference[mismatch]} vs engine {ours[mismatch]}")
-    # the Engine stops at <|assistant_end|>/<|bos|>; the reference always runs max_tokens
-    stopped = len(ours) < len(reference) and ours and ours[-1] in (ToolTokens(tokenizer).assistant_end,
-                                                                     tokenizer.get_bos_token_id())
-    match = mismatch is None and (len(ours) == len(reference) or bool(stopped))
-    print(f"Match: {match}")
-    return 0 if match else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

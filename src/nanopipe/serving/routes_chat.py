@@ -1,0 +1,67 @@
+"""nanochat's own surface: the chat UI, its favicon and nanochat's streaming chat API.
+
+    GET  /                  chat UI (ui.html, its API_URL pointed at this server)
+    GET  /logo.svg          favicon
+    POST /chat/completions  SSE: data: {"token": ..., "gpu": i} ... data: {"done": true} (or {"error": ...})
+
+Errors are {"detail": ...}: 401 without the API key (the UI stays open), 400 / 503 from
+validation (InvalidRequest, rendered by the app), FastAPI's 422 for a malformed body.
+"""
+import logging
+from contextlib import aclosing
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
+
+from nanopipe.serving.schemas import ChatRequest, validate_chat
+from nanopipe.serving.state import UNAUTHORIZED, ServerState, StateDep, detail_error
+from nanopipe.serving.streaming import SSE_HEADERS, Generation, sse, text_events
+
+logger = logging.getLogger("nanopipe.serve")
+HERE = Path(__file__).parent
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse)
+async def root():
+    html = (HERE / "ui.html").read_text(encoding="utf-8")  # re-read: edits show up on reload
+    html = html.replace("const API_URL = `http://${window.location.hostname}:8000`;", "const API_URL = '';")
+    return HTMLResponse(html)
+
+
+@router.get("/logo.svg")
+async def logo():
+    return FileResponse(HERE / "logo.svg", media_type="image/svg+xml")
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, state: StateDep):
+    if not state.authorized(request):
+        return detail_error(401, UNAUTHORIZED)
+    state.check_ready()
+    conversation = validate_chat(body)
+    prompt = state.prompt(conversation)
+    logger.debug("chat request: %s", conversation)
+    gen = state.generation("chat", prompt, body.temperature, body.top_k, body.max_tokens)
+    return StreamingResponse(chat_stream(state, gen), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def chat_stream(state: ServerState, gen: Generation):
+    """nanochat's SSE events for `gen`, one network write per batch of decoded tokens."""
+    try:
+        async with aclosing(text_events(state.scheduler, state.tokenizer, gen)) as batches:
+            async for batch in batches:
+                out = []
+                for kind, value in batch:
+                    if kind == "text":
+                        out.append(sse({"token": value, "gpu": gen.worker_id}))
+                    elif kind == "done":
+                        out.append(sse({"done": True}))
+                    else:
+                        out.append(sse({"error": value}))
+                if out:
+                    yield "".join(out)
+    finally:
+        gen.log()
