@@ -93,6 +93,8 @@ def test_cli_turns_a_missing_input_into_one_line(tmp_path):
     ("rl.num_samples=1", "rl.num_samples"), ("rl.source=rl", "rl.source"), ("chat_eval.tasks=[BoolQ]", "chat_eval.tasks"),
     ("serve.port=70000", "serve.port"), ("model.window_pattern=SLX", "model.window_pattern"),
     ("runtime.nnodes=2", "runtime.rdzv_endpoint"), ("tokenizer.vocab_size=264", "tokenizer.vocab_size"),
+    ("data.num_train_shards=4", "data.num_train_shards"), ("data.source=url", "data.url_template"),
+    ("data.val_shard=4", "data.val_shard"),
 ])
 def test_range_checks_name_key_value_and_expectation(override, key):
     with pytest.raises(ConfigError, match=rf"test config: `{key}` = .*: expected "):

@@ -274,6 +274,10 @@ def _cross_checks(cfg: DictConfig) -> Iterable[tuple[bool, str, str]]:
     """Checks that relate two keys: (ok, key, expected)."""
     yield (cfg.data.val_shard < cfg.data.total_shards, "data.val_shard",
            f"an index in [0, data.total_shards={cfg.data.total_shards})")
+    yield (cfg.data.num_train_shards <= cfg.data.total_shards - 1, "data.num_train_shards",
+           f"at most data.total_shards - 1 = {cfg.data.total_shards - 1} (one shard is the val shard)")
+    yield (cfg.data.source == "embedded" or "{index" in cfg.data.url_template, "data.url_template",
+           f"an fsspec URL with an {{index}} field (e.g. https://host/shard_{{index:05d}}.parquet) for data.source={cfg.data.source}")
     yield (cfg.runtime.nnodes == 1 or bool(cfg.runtime.rdzv_endpoint), "runtime.rdzv_endpoint",
            "host:port of node 0 when runtime.nnodes > 1")
 

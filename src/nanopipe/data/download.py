@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from nanopipe import artifacts, paths
+from nanopipe.config import bad_value
 from nanopipe.data.shards import ShardError, shard_name, verify_shard, write_shard
 from nanopipe.data.sources import embedded_documents, shard_url
 
@@ -33,9 +34,6 @@ def plan(cfg: DictConfig) -> list[tuple[int, str]]:
     """[(index, split)] for every shard this config needs."""
     d = cfg.data
     train = [i for i in range(d.total_shards) if i != d.val_shard][: d.num_train_shards]
-    if len(train) < d.num_train_shards:
-        raise ValueError(f"data.num_train_shards={d.num_train_shards}: only {len(train)} train shards exist "
-                         f"(data.total_shards={d.total_shards}, one of them is the val shard)")
     return [(i, "train") for i in train] + [(d.val_shard, "val")]
 
 
@@ -46,7 +44,7 @@ def build_embedded(cfg: DictConfig, wanted: list[tuple[int, str]]) -> dict[str, 
     per_shard: list[list[str]] = [docs[i :: d.total_shards] for i in range(d.total_shards)]
     for index, _ in tqdm(wanted, desc="embedded shards", disable=None):
         if not per_shard[index]:
-            raise ValueError(f"data.embedded.max_chars={e.max_chars} is too small: shard {index} got no documents")
+            raise bad_value("data.embedded.max_chars", e.max_chars, f"more: shard {index} got no documents")
         write_shard(paths.SHARDS / shard_name(index), per_shard[index], d.row_group_size)
     return {shard_name(i): "embedded" for i, _ in wanted}
 
@@ -97,8 +95,6 @@ def fetch(url: str, dest: Path, retries: int, backoff: float, timeout: float) ->
 def download_remote(cfg: DictConfig, wanted: list[tuple[int, str]]) -> tuple[dict[str, str], int]:
     d = cfg.data
     template = d.url_template
-    if not template:
-        raise ValueError(f"data.source={d.source!r} needs data.url_template (an fsspec URL with {{index}})")
     state: dict[str, str] = artifacts.read_json(STATE) if STATE.exists() else {}
     todo, skipped = [], 0
     for index, _ in wanted:

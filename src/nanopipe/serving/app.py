@@ -34,6 +34,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
+from nanopipe.config import bad_value
 from nanopipe.runtime import compute_dtype
 from nanopipe.serving import routes_chat, routes_openai, routes_ops
 from nanopipe.serving.routes_openai import MODEL_NAME, openai_error
@@ -53,12 +54,12 @@ def worker_models(model, workers=0):
     device = torch.device(model.get_device())
     if device.type != "cuda":
         if workers not in (0, 1):
-            raise ValueError(f"serve.workers={workers}: more than one worker needs CUDA GPUs (the model is on {device})")
+            raise bad_value("serve.workers", workers, f"0 or 1: more workers need CUDA GPUs (the model is on {device})")
         return [model]
     available = torch.cuda.device_count()
     n = available if workers == 0 else workers
     if n > available:
-        raise ValueError(f"serve.workers={workers} but only {available} CUDA device(s) are visible")
+        raise bad_value("serve.workers", workers, f"at most the {available} visible CUDA device(s)")
     if n == 1:
         return [model]
     return replicate_model(model, [f"cuda:{i}" for i in range(n)])
