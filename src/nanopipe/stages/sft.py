@@ -82,6 +82,8 @@ def plan(s, model, base_meta: dict, world_size: int) -> Plan:
 
 def run(st: Stage) -> None:
     cfg, s, dev = st.cfg, st.cfg.sft, st.dev
+
+    # -- build: tokenizer, base model, plan, optimizer, data, resume ---------------------------
     tokenizer = load_tokenizer(paths.TOKENIZER)
     token_bytes = load_token_bytes(paths.TOKENIZER, device=dev.device)
     artifacts.require(paths.CHECKPOINTS["base"], "pretrain")
@@ -127,6 +129,8 @@ def run(st: Stage) -> None:
     eval_steps = max(1, s.eval_tokens // (B * T * dev.world_size))
     meter = StepMeter(N if N > 0 else None, step, pl.total_batch_size, flops_per_token, dev, "sft",
                       loop["smooth_train_loss"], loop["total_training_time"])
+
+    # -- loop: val loss at its interval, resume checkpoints, then one optimizer step -------------
     val, stats = {}, {}
     st.log({"num_conversations": len(train_ds)}, step=step)
     while True:
@@ -172,6 +176,7 @@ def run(st: Stage) -> None:
     meter.close()
     loader.close()
 
+    # -- save, probe the chat format, summarize ------------------------------------------------
     counts = dict(zip(COUNTERS, map(int, dev.all_reduce_sum([trained_state[k] for k in COUNTERS]))))
     final_meta = {"step": step, "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"), "max_seq_len": T,
                   "device_batch_size": B, "total_batch_size": pl.total_batch_size, "loop_state": loop,
