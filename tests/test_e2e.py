@@ -49,6 +49,21 @@ def test_whole_chain_through_dvc(repo_copy):
     run([sys.executable, "-m", "nanopipe.cli", "compose", "experiment=smoke", "sft.matrix_lr=0.01"], repo)
     assert sorted(_ran(run(["dvc", "repro"], repo, timeout=1500).stdout)) == ["chat_eval", "report", "rl", "sft"]
 
+    # Code deps follow the lifecycle (docs/pipeline.md): a serving edit reruns nothing in the chain,
+    # an edit to the bits-per-byte code reruns exactly the stages that compute with it.
+    def changed_stages():
+        status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+        return sorted(name.split(":")[-1] for name in status)
+
+    with open(repo / "src/nanopipe/serving/app.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert changed_stages() == []
+    with open(repo / "src/nanopipe/eval/bpb.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert changed_stages() == ["base_eval", "pretrain", "sft"]
+    run(["git", "checkout", "--", "src"], repo)
+    assert changed_stages() == []
+
     # The plots render.
     run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo)
     assert (repo / "plots_html" / "index.html").exists()
