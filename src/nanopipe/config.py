@@ -248,6 +248,13 @@ class ServeConfig:
 
 
 @dataclass
+class ExportConfig:
+    source: str = one_of("base", "sft", "rl")
+    name: str = MISSING
+    verify: bool = MISSING
+
+
+@dataclass
 class ReportConfig:
     gpu_hourly_rate: float = at_least(0)
     cpu_hourly_rate: float = at_least(0)
@@ -267,6 +274,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     chat_eval: ChatEvalConfig = field(default_factory=ChatEvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
