@@ -255,6 +255,17 @@ class ExportConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    tasks: list[str] = need("a non-empty list of lm-eval task names", lambda v: len(v) > 0)
+    include_path: str = MISSING
+    limit: int = every_or_off()
+    num_fewshot: int = need("-1 (each task's default) or >= 0", lambda v: v >= -1)
+    batch_size: int = at_least(1)
+    dtype: str = one_of("float32", "bfloat16", "float16")
+    apply_chat_template: bool = MISSING
+
+
+@dataclass
 class ReportConfig:
     gpu_hourly_rate: float = at_least(0)
     cpu_hourly_rate: float = at_least(0)
@@ -275,6 +286,7 @@ class Config:
     chat_eval: ChatEvalConfig = field(default_factory=ChatEvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
