@@ -252,6 +252,7 @@ class ExportConfig:
     source: str = one_of("base", "sft", "rl")
     name: str = MISSING
     verify: bool = MISSING
+    log_weights: bool = MISSING
 
 
 @dataclass

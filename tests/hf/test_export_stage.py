@@ -122,3 +122,25 @@ def test_vocab_mismatch_between_tokenizer_and_checkpoint_is_refused(tmp_path, mo
     with pytest.raises(CheckpointError, match="tokenizer vocab size 600 does not match the model's vocab_size 512"):
         run_stage(export, make_cfg("experiment=smoke", "tracking.enabled=false"))
     assert torch.load(tmp_path / "models/rl/model.pt", weights_only=True)  # inputs untouched
+
+
+@pytest.mark.parametrize("log_weights", [True, False])
+def test_export_is_logged_with_its_run_in_mlflow(tmp_path, monkeypatch, tok, log_weights):
+    """`mlflow ui` shows which run produced which shareable model: the files under hf_model/, tags naming
+    the source checkpoint; the weights are left to DVC when export.log_weights=false."""
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path, tok)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_stage(export, make_cfg("experiment=smoke", f"tracking.uri={store}", "tracking.experiment=export-test",
+                               "export.verify=false", f"export.log_weights={str(log_weights).lower()}"))
+    import mlflow
+
+    client = mlflow.MlflowClient(store)
+    (run,) = mlflow.search_runs(experiment_names=["export-test"], output_format="list")
+    tags = run.data.tags
+    assert tags["stage"] == "export" and tags["hf_model"] == "models/hf" and tags["hf_source"] == "rl"
+    assert tags["hf_step"] == "16" and len(tags["hf_checkpoint_sha256"]) == 64
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "hf_model")}
+    expected = {f"hf_model/{p.name}" for p in (tmp_path / "models/hf").iterdir()}
+    assert logged == (expected if log_weights else expected - {"hf_model/model.safetensors"})
+    assert run.data.params["export.source"] == "rl" and run.data.metrics["num_params"] > 0

@@ -51,6 +51,11 @@ def run(st: Stage) -> None:
     checks = export_model(model, tokenizer, paths.HF_EXPORT, eos_token=eos, provenance=provenance, card=card,
                           verify=c.verify)
     size = (paths.HF_EXPORT / WEIGHTS_FILE).stat().st_size
+    # MLflow: the shareable model is an artifact of the run that produced it (`mlflow ui` shows which
+    # run made which models/hf), tagged with where it came from.
+    st.tracker.log_dir(paths.HF_EXPORT, "hf_model", exclude=() if c.log_weights else (WEIGHTS_FILE,))
+    st.tracker.set_tags({"hf_model": str(paths.HF_EXPORT), "hf_source": c.source, "hf_step": step,
+                         "hf_name": name, "hf_checkpoint_sha256": provenance["checkpoint_sha256"]})
     out = {"source": c.source, "step": step, "name": name, "num_params": num_params, "weights_bytes": size,
            "verified": bool(checks), **checks}
     report = [f"- `{paths.HF_EXPORT}`: {name}, from `models/{c.source}` at step {step} ({num_params:,} parameters, "
