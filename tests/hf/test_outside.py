@@ -148,13 +148,15 @@ def test_bad_paths_are_named_in_one_line(tmp_path, monkeypatch, gpt2_dir):
     import shutil
 
     import huggingface_hub.constants
+    import transformers.utils.hub
 
     from nanopipe.stage import main
 
     monkeypatch.chdir(tmp_path)
-    # offline, as this machine is: the hub is the one thing mocked (read once, when huggingface_hub is imported)
+    # offline, as this machine is: the hub is the one thing mocked (both libraries read the variable at import)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(transformers.utils.hub, "_is_offline_mode", True)
     write_data(tmp_path)
     (tmp_path / "params.yaml").write_text(__import__("omegaconf").OmegaConf.to_yaml(cfg(tmp_path)))
     with pytest.raises(SystemExit, match=r"nanopipe base_eval: --hf-path no-such/model: cannot load its tokenizer: "
