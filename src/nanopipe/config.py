@@ -145,6 +145,7 @@ class PretrainConfig:
     core_metric_every: int = MISSING
     core_metric_max_per_task: int = MISSING
     save_every: int = MISSING
+    keep_checkpoints: int = need("-1 (all), 0 (none) or the newest N >= 1", lambda v: v >= -1)
     log_every: int = at_least(1)
     compile: str = one_of("auto", "true", "false")
     fp8: bool = MISSING
@@ -161,6 +162,7 @@ class BaseEvalConfig:
     bundle_url: str = MISSING
     bundle_cache: str = MISSING
     sample_tokens: int = at_least(0)
+    step: int = need("-1 (the final checkpoint) or a step the training run kept (>= 0)", lambda v: v >= -1)
 
 
 @dataclass
@@ -190,6 +192,7 @@ class SFTConfig:
     eval_every: int = MISSING
     eval_tokens: int = at_least(1)
     save_every: int = MISSING
+    keep_checkpoints: int = need("-1 (all), 0 (none) or the newest N >= 1", lambda v: v >= -1)
     log_every: int = at_least(1)
     compile: str = one_of("auto", "true", "false")
     sample_tokens: int = at_least(0)
@@ -218,6 +221,7 @@ class RLConfig:
     eval_examples: int = at_least(1)
     pass_k: int = at_least(1)
     save_every: int = MISSING
+    keep_checkpoints: int = need("-1 (all), 0 (none) or the newest N >= 1", lambda v: v >= -1)
     dataset_dir: str = MISSING
 
 
@@ -232,6 +236,7 @@ class ChatEvalConfig:
     temperature: float = at_least(0)
     top_k: int = at_least(0)
     dataset_dir: str = MISSING
+    step: int = need("-1 (the final checkpoint) or a step the training run kept (>= 0)", lambda v: v >= -1)
 
 
 @dataclass
@@ -245,11 +250,13 @@ class ServeConfig:
     top_k: int = at_least(0)
     max_tokens: int = at_least(1)
     api_key: str = MISSING
+    step: int = need("-1 (the final checkpoint) or a step the training run kept (>= 0)", lambda v: v >= -1)
 
 
 @dataclass
 class ExportConfig:
     source: str = one_of("base", "sft", "rl")
+    step: int = need("-1 (the final checkpoint) or a step the training run kept (>= 0)", lambda v: v >= -1)
     name: str = MISSING
     verify: bool = MISSING
     log_weights: bool = MISSING

@@ -144,3 +144,17 @@ def test_export_is_logged_with_its_run_in_mlflow(tmp_path, monkeypatch, tok, log
     expected = {f"hf_model/{p.name}" for p in (tmp_path / "models/hf").iterdir()}
     assert logged == (expected if log_weights else expected - {"hf_model/model.safetensors"})
     assert run.data.params["export.source"] == "rl" and run.data.metrics["num_params"] > 0
+
+
+def test_card_example_runs(tmp_path, monkeypatch, tok):
+    """The model card's Python snippet, as written, runs against the export it describes."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path, tok)
+    run_stage(export, make_cfg("experiment=smoke", "tracking.enabled=false", "export.verify=false"))
+    card = (tmp_path / "models/hf/README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, re.S)
+    exec(compile(snippet.replace("max_new_tokens=64", "max_new_tokens=4"), "README.md", "exec"), {})
+    assert oct((tmp_path / "models/hf/model.safetensors").stat().st_mode & 0o777) == \
+        oct((tmp_path / "models/hf/config.json").stat().st_mode & 0o777)

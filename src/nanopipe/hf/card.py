@@ -81,13 +81,13 @@ def model_card(*, name: str, source: str, step: int | None, config: GPTConfig, n
               f'model = AutoModelForCausalLM.from_pretrained("{hf_dir}", trust_remote_code=True)',
               f'tok = AutoTokenizer.from_pretrained("{hf_dir}")']
     if chat:
-        lines += ['ids = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True,',
-                  '                              return_tensors="pt")',
-                  "out = model.generate(ids, max_new_tokens=64)",
-                  "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))"]
+        lines += ['inputs = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True,',
+                  '                                 return_dict=True, return_tensors="pt")',
+                  "out = model.generate(**inputs, max_new_tokens=64)",
+                  'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
     else:
-        lines += ['ids = tok("The capital of France is", return_tensors="pt").input_ids  # <|bos|> first',
-                  "out = model.generate(ids, max_new_tokens=32)",
+        lines += ['inputs = tok("The capital of France is", return_tensors="pt")  # <|bos|> first',
+                  "out = model.generate(**inputs, max_new_tokens=32)",
                   "print(tok.decode(out[0], skip_special_tokens=True))"]
     lines += ["```", "",
               "`tok(text)` puts `<|bos|>` first, as the model was trained; `add_special_tokens=False` gives the "

@@ -95,8 +95,9 @@ def export_model(model: GPT, tokenizer, out_dir, *, eos_token: str, provenance: 
     out_dir = Path(out_dir)
     config = hf_config(model.config, model.padded_vocab_size, tokenizer, eos_token)
     with atomic_dir(out_dir) as tmp:
-        save_file(export_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt", "producer": "nanopipe"})
         config.save_pretrained(tmp)  # config.json
+        save_file(export_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt", "producer": "nanopipe"})
+        os.chmod(tmp / WEIGHTS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)  # safetensors writes it 0600
         (tmp / GENERATION_FILE).write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n", encoding="utf-8")
         for module in (configuration_nanopipe, modeling_nanopipe):
             src = Path(inspect.getsourcefile(module))

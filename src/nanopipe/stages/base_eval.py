@@ -26,7 +26,7 @@ from nanopipe.eval.bpb import bpb_on_shards
 from nanopipe.eval.core import core_or_unavailable
 from nanopipe.eval.samples import greedy_samples
 from nanopipe.hf.outside import OutsideModelError, load_outside
-from nanopipe.model.checkpoint import load_model
+from nanopipe.model.checkpoint import checkpoint_at, load_model
 from nanopipe.stage import DEVICE_PARAMS, Stage
 from nanopipe.tokenizer import load_token_bytes, load_tokenizer
 
@@ -66,7 +66,8 @@ def run(st: Stage) -> None:
     else:
         tokenizer = load_tokenizer(paths.TOKENIZER)
         token_bytes = load_token_bytes(paths.TOKENIZER, device=dev.device)
-        model, meta = load_model(paths.CHECKPOINTS["base"], dev.device, "eval", tokenizer=tokenizer)
+        ckpt = checkpoint_at(paths.CHECKPOINTS["base"], c.step, "base_eval.step")
+        model, meta = load_model(ckpt, dev.device, "eval", tokenizer=tokenizer)
         seq_len = model.config.sequence_len
     train, val = split_paths(read_manifest())
 

@@ -16,7 +16,7 @@ import logging
 from nanopipe import __version__, artifacts, paths
 from nanopipe.hf.card import model_card
 from nanopipe.hf.export import WEIGHTS_FILE, export_model
-from nanopipe.model.checkpoint import load_model, read_meta
+from nanopipe.model.checkpoint import checkpoint_at, load_model, read_meta
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import load_tokenizer
 from nanopipe.tracking import git_commit
@@ -30,7 +30,7 @@ CARD_METRICS = ("pretrain", "base_eval", "sft", "rl", "chat_eval")  # the model 
 def run(st: Stage) -> None:
     c = st.cfg.export
     tokenizer = load_tokenizer(paths.TOKENIZER)
-    ckpt = paths.CHECKPOINTS[c.source]
+    ckpt = checkpoint_at(paths.CHECKPOINTS[c.source], c.step, "export.step")
     model, meta = load_model(ckpt, "cpu", "eval", tokenizer=tokenizer)
     step = meta.get("step")
     metrics = {s: artifacts.read_json(paths.metrics_file(s)) for s in CARD_METRICS if paths.metrics_file(s).exists()}
@@ -40,7 +40,7 @@ def run(st: Stage) -> None:
     card = model_card(name=name, source=c.source, step=step, config=model.config, num_params=num_params,
                       metrics=metrics, git_commit=commit, hf_dir=str(paths.HF_EXPORT))
     provenance = {
-        "name": name, "source": c.source, "step": step, "git_commit": commit,
+        "name": name, "source": c.source, "step": step, "checkpoint": str(ckpt), "git_commit": commit,
         "checkpoint_sha256": read_meta(ckpt)["files"]["model.pt"]["sha256"],
         "tokenizer_sha256": artifacts.sha256_file(paths.TOKENIZER / "tokenizer.json"),
         "nanopipe": __version__,
