@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import make_cfg
 
-from nanopipe.model.checkpoint import UnknownStep, checkpoint_at, history_steps, load_model, save_checkpoint
+from nanopipe.model.checkpoint import UnknownStep, checkpoint_at, history_steps, load_model
 from nanopipe.stage import run_stage
 from nanopipe.stages import chat_eval, export, sft
 from nanopipe.tasks import IDENTITY_PATH
@@ -26,15 +26,10 @@ def tok():
 
 
 def make_base(root, cfg, tok):
-    from nanopipe.model.gpt import config_from_depth, create_model
+    """models/tokenizer and a random-init models/base, as the SFT tests make them."""
+    from test_sft import _make_inputs
 
-    tok.save(root / "models/tokenizer")
-    m = cfg.model
-    torch.manual_seed(0)
-    model = create_model(config_from_depth(m.depth, tok.get_vocab_size(), m.max_seq_len, m.aspect_ratio, m.head_dim,
-                                           m.window_pattern), "cpu")
-    save_checkpoint(root / "models/base", model, None, {"step": 0, "device_batch_size": 4, "total_batch_size": 512},
-                    save_rng=False)
+    _make_inputs(root, cfg, tok)
 
 
 def weights(path):

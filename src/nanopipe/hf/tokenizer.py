@@ -26,7 +26,7 @@ import base64
 import json
 from pathlib import Path
 
-from nanopipe.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer
+from nanopipe.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer, _gpt2_byte_decoder
 
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -66,16 +66,9 @@ CHAT_TEMPLATE = (
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (the ByteLevel alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    """GPT-2's reversible map from bytes to printable characters (the ByteLevel alphabet): the inverse
+    of the decoder our `tokenizers` trainer backend already uses."""
+    return {b: c for c, b in _gpt2_byte_decoder().items()}
 
 
 def _merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
