@@ -131,8 +131,8 @@ VERIFY_CONVERSATION = {"messages": [
 
 
 def load_hf(hf_dir, dtype=torch.float32):
-    """(model, tokenizer) through transformers' Auto classes, as any user loads the export (offline)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never reach for the hub
+    """(model, tokenizer) through transformers' Auto classes, as any user loads the export (a local
+    directory: nothing is fetched, the modeling code is the directory's own)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=dtype)
