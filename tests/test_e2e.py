@@ -12,7 +12,7 @@ import pytest
 
 from helpers import run, subprocess_env
 
-CHAIN = ["download", "tokenizer", "tok_eval", "pretrain", "base_eval", "sft", "rl", "chat_eval", "report"]
+CHAIN = ["download", "tokenizer", "tok_eval", "pretrain", "base_eval", "sft", "rl", "chat_eval", "export", "report"]
 
 
 def _ran(out: str) -> list[str]:
@@ -26,7 +26,7 @@ def test_whole_chain_through_dvc(repo_copy):
     ran = _ran(out)
     assert sorted(ran) == sorted(CHAIN), out
     for before, after in [("download", "tokenizer"), ("tokenizer", "pretrain"), ("pretrain", "sft"), ("sft", "rl"),
-                          ("rl", "chat_eval"), ("chat_eval", "report")]:
+                          ("rl", "chat_eval"), ("chat_eval", "export"), ("export", "report")]:
         assert ran.index(before) < ran.index(after)
 
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
@@ -43,11 +43,21 @@ def test_whole_chain_through_dvc(repo_copy):
     for stage in CHAIN[:-1]:
         assert stage in report
 
+    # models/hf: transformers loads it and generates from it offline, in a fresh process.
+    load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "m = AutoModelForCausalLM.from_pretrained('models/hf', trust_remote_code=True)\n"
+            "t = AutoTokenizer.from_pretrained('models/hf')\n"
+            "ids = t.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True, return_tensors='pt')\n"
+            "print(m.generate(ids, max_new_tokens=4, do_sample=False).shape[1] - ids.shape[1])")
+    p = run([sys.executable, "-c", load], repo, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(repo / ".hf_home")})
+    assert int(p.stdout.strip().splitlines()[-1]) >= 1
+    assert json.loads((repo / "metrics/export.json").read_text())["verify_max_abs_logit_diff"] <= 1e-4
+
     # Nothing changed: nothing reruns.
     assert _ran(run(["dvc", "repro"], repo).stdout) == []
     # An SFT parameter reruns SFT and what depends on it, nothing upstream.
     run([sys.executable, "-m", "nanopipe.cli", "compose", "experiment=smoke", "sft.matrix_lr=0.01"], repo)
-    assert sorted(_ran(run(["dvc", "repro"], repo, timeout=1500).stdout)) == ["chat_eval", "report", "rl", "sft"]
+    assert sorted(_ran(run(["dvc", "repro"], repo, timeout=1500).stdout)) == ["chat_eval", "export", "report", "rl", "sft"]
 
     # Code deps follow the lifecycle (docs/pipeline.md): a serving edit reruns nothing in the chain,
     # an edit to the bits-per-byte code reruns exactly the stages that compute with it.

@@ -22,7 +22,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 PKG = SRC / "nanopipe"
-DVC_FILES = [REPO / "dvc.yaml", REPO / "stages/serve/dvc.yaml"]
+DVC_FILES = [REPO / "dvc.yaml", REPO / "stages/serve/dvc.yaml", REPO / "stages/lm_eval/dvc.yaml"]
 
 # Code that cannot change a stage's numbers (docs/pipeline.md says why, file by file). The closure
 # still walks through them (stage.py -> runtime.py), they are only left out of the deps.

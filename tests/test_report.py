@@ -50,15 +50,15 @@ def test_report_assembles_present_sections_and_marks_missing_ones(tmp_path):
     heads = [line for line in text.splitlines() if line.startswith("## ")]
     assert heads[:2] == ["## Environment", "## Stages"]
     assert heads[2:] == [f"## {s}" for s in report.STAGES] + ["## mystery", "## Summary"]
-    for s in ("tokenizer", "tok_eval", "sft", "rl"):
+    for s in ("tokenizer", "tok_eval", "sft", "rl", "export"):
         assert f"## {s}\n\n_not run_" in text
         assert f"| {s} | not run |" in text
     assert "downloaded 4 shards" in text and "trained for 30 steps" in text and "| task | accuracy |" in text
     assert "metrics/sections/base_eval.md is missing" in text and "| base_eval | no section |" in text
     assert "a section under a name the report does not know" in text
     assert "the previous report's own section" not in text
-    assert metrics["stages_run"] == 4 and metrics["stages_not_run"] == 4 and "git_dirty" not in metrics
-    assert "Not run: tokenizer, tok_eval, sft, rl" in summary
+    assert metrics["stages_run"] == 4 and metrics["stages_not_run"] == 5 and "git_dirty" not in metrics
+    assert "Not run: tokenizer, tok_eval, sft, rl, export" in summary
 
     # headline metrics: base_eval's bpb/CORE win over pretrain's; chat scores per model; bookkeeping left out
     assert metrics["summary"] == {"base": {"val bpb": 1.25, "train bpb": 1.2, "CORE": 0.21},

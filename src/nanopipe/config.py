@@ -145,6 +145,7 @@ class PretrainConfig:
     core_metric_every: int = MISSING
     core_metric_max_per_task: int = MISSING
     save_every: int = MISSING
+    keep_checkpoints: int = need("-1 (all), 0 (none) or the newest N >= 1", lambda v: v >= -1)
     log_every: int = at_least(1)
     compile: str = one_of("auto", "true", "false")
     fp8: bool = MISSING
@@ -161,6 +162,7 @@ class BaseEvalConfig:
     bundle_url: str = MISSING
     bundle_cache: str = MISSING
     sample_tokens: int = at_least(0)
+    step: int = need("-1 (the final checkpoint) or a step the training run kept (>= 0)", lambda v: v >= -1)
 
 
 @dataclass
@@ -190,6 +192,7 @@ class SFTConfig:
     eval_every: int = MISSING
     eval_tokens: int = at_least(1)
     save_every: int = MISSING
+    keep_checkpoints: int = need("-1 (all), 0 (none) or the newest N >= 1", lambda v: v >= -1)
     log_every: int = at_least(1)
     compile: str = one_of("auto", "true", "false")
     sample_tokens: int = at_least(0)
@@ -218,6 +221,7 @@ class RLConfig:
     eval_examples: int = at_least(1)
     pass_k: int = at_least(1)
     save_every: int = MISSING
+    keep_checkpoints: int = need("-1 (all), 0 (none) or the newest N >= 1", lambda v: v >= -1)
     dataset_dir: str = MISSING
 
 
@@ -232,6 +236,7 @@ class ChatEvalConfig:
     temperature: float = at_least(0)
     top_k: int = at_least(0)
     dataset_dir: str = MISSING
+    step: int = need("-1 (the final checkpoint) or a step the training run kept (>= 0)", lambda v: v >= -1)
 
 
 @dataclass
@@ -245,6 +250,27 @@ class ServeConfig:
     top_k: int = at_least(0)
     max_tokens: int = at_least(1)
     api_key: str = MISSING
+    step: int = need("-1 (the final checkpoint) or a step the training run kept (>= 0)", lambda v: v >= -1)
+
+
+@dataclass
+class ExportConfig:
+    source: str = one_of("base", "sft", "rl")
+    step: int = need("-1 (the final checkpoint) or a step the training run kept (>= 0)", lambda v: v >= -1)
+    name: str = MISSING
+    verify: bool = MISSING
+    log_weights: bool = MISSING
+
+
+@dataclass
+class LmEvalConfig:
+    tasks: list[str] = need("a non-empty list of lm-eval task names", lambda v: len(v) > 0)
+    include_path: str = MISSING
+    limit: int = every_or_off()
+    num_fewshot: int = need("-1 (each task's default) or >= 0", lambda v: v >= -1)
+    batch_size: int = at_least(1)
+    dtype: str = one_of("float32", "bfloat16", "float16")
+    apply_chat_template: bool = MISSING
 
 
 @dataclass
@@ -267,6 +293,8 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     chat_eval: ChatEvalConfig = field(default_factory=ChatEvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 

@@ -10,6 +10,7 @@ MANIFEST = SHARDS / "manifest.json"
 MODELS = Path("models")
 TOKENIZER = MODELS / "tokenizer"
 CHECKPOINTS = {"base": MODELS / "base", "sft": MODELS / "sft", "rl": MODELS / "rl"}
+HF_EXPORT = MODELS / "hf"  # the shareable Hugging Face model (export stage)
 RESUME = MODELS / "resume"  # in-progress training checkpoints (DVC `persist: true`)
 METRICS = Path("metrics")
 SECTIONS = METRICS / "sections"  # one markdown report section per stage

@@ -121,18 +121,21 @@ class Stage:
 
     # -- outputs --------------------------------------------------------------------------------
 
-    def finish(self, metrics: Mapping[str, Any], report: str = "") -> None:
-        """Write the stage's metrics file and report section; log both to MLflow."""
+    def finish(self, metrics: Mapping[str, Any], report: str = "", name: str | None = None) -> None:
+        """Write the stage's metrics file and report section; log both to MLflow. `name` writes them as
+        metrics/<name>.json and sections/<name>.md instead: a run that is not the DVC stage's own (base_eval
+        of an outside model) must never overwrite the files DVC tracks for the stage."""
         if not self.rank0:
             return
         self.flush_plots()
+        name = name or self.name
         metrics = {**metrics, "wall_time_s": round(time.time() - self._t0, 3), "world_size": self.world_size}
-        section = f"## {self.name}\n\n{report.strip()}\n" if report else f"## {self.name}\n"
-        artifacts.write_text(paths.section_file(self.name), section)
-        artifacts.write_json(paths.metrics_file(self.name), metrics)
+        section = f"## {name}\n\n{report.strip()}\n" if report else f"## {name}\n"
+        artifacts.write_text(paths.section_file(name), section)
+        artifacts.write_json(paths.metrics_file(name), metrics)
         self.tracker.log_metrics(flatten(metrics))
-        self.tracker.log_artifact(paths.metrics_file(self.name))
-        self.tracker.log_artifact(paths.section_file(self.name))
+        self.tracker.log_artifact(paths.metrics_file(name))
+        self.tracker.log_artifact(paths.section_file(name))
         for name in self._plots:
             self.tracker.log_artifact(paths.plot_file(self.name, name), "plots")
 

@@ -127,6 +127,26 @@ class Tracker:
         if self.log_artifacts and Path(path).exists():
             self._call("log_artifact", "log_artifact", str(path), artifact_path)
 
+    def log_dir(self, local_dir: str | os.PathLike, artifact_path: str, exclude: tuple[str, ...] = ()) -> list[str]:
+        """Log every file of `local_dir` (recursively) under `artifact_path`, except the names in
+        `exclude`; returns the relative paths logged."""
+        logged: list[str] = []
+        root = Path(local_dir)
+        if not (self.enabled and self.log_artifacts) or not root.is_dir():
+            return logged
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = f.relative_to(root)
+            if rel.name in exclude:
+                continue
+            sub = "/".join([artifact_path, *rel.parent.parts])
+            self._call("log_artifact", "log_artifact", str(f), sub)
+            logged.append(rel.as_posix())
+        return logged
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self._call("set_tag", "set_tag", key, str(value))
+
     def log_text(self, text: str, name: str, wait: bool = True) -> None:
         if self.log_artifacts:
             self._call("log_text", "log_text", text, name, wait=wait)

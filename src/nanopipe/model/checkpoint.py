@@ -5,6 +5,7 @@
       optim.pt    optimizer state in its world-size independent (full, unsharded) form; optional
       rng.pt      RNG states of every rank (python, numpy, torch CPU, CUDA); optional
       meta.json   caller's meta + model_config, world_size, format, and size/sha256 of every file
+      steps/step_XXXXXX/   a training stage's earlier checkpoints (weights + meta), kept at save_every
 
 Differences from nanochat on purpose:
 - one directory, renamed into place only when complete (nanopipe.artifacts.atomic_dir), so a
@@ -22,6 +23,7 @@ API used by the stages:
         resume: loads into an existing (possibly compiled) model and optimizer
     load_model(ckpt_dir, device, phase, tokenizer=None, verify=True) -> (model, meta)
         eval/finetune: builds the GPT from meta['model_config']
+    checkpoint_at(ckpt_dir, step) -> the final checkpoint (step -1) or the one kept at `step`
     read_meta(ckpt_dir) / step_dir(root, step) / find_last_step(root)
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import hashlib
 import logging
 import random
 import re
+import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -37,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from nanopipe.artifacts import atomic_dir, read_json, write_json
+from nanopipe.config import ConfigError
 from nanopipe.model.gpt import GPT, GPTConfig
 from nanopipe.model.optim import DistMuonAdamW
 from nanopipe.runtime import log0
@@ -44,11 +48,16 @@ from nanopipe.runtime import log0
 logger = logging.getLogger(__name__)
 
 MODEL_FILE, OPTIM_FILE, RNG_FILE, META_FILE = "model.pt", "optim.pt", "rng.pt", "meta.json"
+HISTORY_DIR = "steps"  # <ckpt_dir>/steps/step_XXXXXX: the checkpoints a training run kept on its way
 CHECKPOINT_FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, incomplete, corrupt, or does not fit the model."""
+
+
+class UnknownStep(CheckpointError, ConfigError):
+    """A configured step (base_eval.step, ...) that the run did not keep: a config error, reported in one line."""
 
 
 def _dist() -> tuple[int, int]:
@@ -123,8 +132,13 @@ def _save_file(obj, path: Path) -> dict:
     return {"bytes": w.nbytes, "sha256": w.sha.hexdigest()}
 
 
-def save_checkpoint(ckpt_dir, model, optimizer=None, meta: dict | None = None, save_rng: bool = True) -> Path:
+def save_checkpoint(ckpt_dir, model, optimizer=None, meta: dict | None = None, save_rng: bool = True,
+                    history=None) -> Path:
     """Write model (+ optimizer, + RNG states) and meta to `ckpt_dir`, replacing it atomically.
+
+    history: a directory of step_XXXXXX checkpoints (Resume's kept snapshots) moved in as
+    `<ckpt_dir>/steps/`, inside the same atomic rename: the final checkpoint and the run's earlier
+    ones appear together; meta.json lists their steps as `history_steps`.
 
     model: the GPT (compiled or not). optimizer: MuonAdamW / DistMuonAdamW or None.
     meta: JSON-able dict; by convention {step, val_bpb, user_config, device_batch_size,
@@ -154,6 +168,9 @@ def save_checkpoint(ckpt_dir, model, optimizer=None, meta: dict | None = None, s
             if rngs is not None:
                 files[RNG_FILE] = _save_file({"world_size": world, "states": rngs}, tmp / RNG_FILE)
             full_meta = dict(meta or {})
+            if history is not None and Path(history).is_dir():
+                shutil.move(str(history), str(tmp / HISTORY_DIR))
+                full_meta["history_steps"] = history_steps(tmp)
             full_meta.update(model_config=asdict(raw.config), world_size=world, format=CHECKPOINT_FORMAT, files=files)
             write_json(tmp / META_FILE, full_meta)
         log0(f"Saved checkpoint to {ckpt_dir} ({', '.join(files)})")
@@ -314,6 +331,38 @@ def load_model(ckpt_dir, device, phase: str, tokenizer=None, verify: bool = True
 
 def step_dir(root, step: int) -> Path:
     return Path(root) / f"step_{step:06d}"
+
+
+def history_steps(ckpt_dir) -> list[int]:
+    """Steps of the complete checkpoints under <ckpt_dir>/steps/, ascending."""
+    return history_steps_in(Path(ckpt_dir) / HISTORY_DIR)
+
+
+def history_steps_in(root) -> list[int]:
+    """Steps of the complete step_XXXXXX checkpoints directly under `root`, ascending."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir()
+                  if (m := re.fullmatch(r"step_(\d+)", p.name)) and (p / META_FILE).exists())
+
+
+def checkpoint_at(ckpt_dir, step: int = -1, key: str = "step") -> Path:
+    """The checkpoint directory of `ckpt_dir` at `step` (nanochat's --step): -1, or the final step, is
+    `ckpt_dir` itself; an earlier step is <ckpt_dir>/steps/step_XXXXXX, when the training run kept it.
+    `key` names the config key in the error for a step the run did not keep."""
+    ckpt_dir = Path(ckpt_dir)
+    if step == -1:
+        return ckpt_dir
+    meta = read_meta(ckpt_dir)
+    if meta.get("step") == step:
+        return ckpt_dir
+    kept = history_steps(ckpt_dir)
+    if step in kept:
+        return step_dir(ckpt_dir / HISTORY_DIR, step)
+    raise UnknownStep(f"`{key}` = {step}: {ckpt_dir} has no checkpoint at that step; it has steps "
+                      f"{kept + [meta.get('step')]} (a training stage keeps one every save_every steps, as many as "
+                      f"its keep_checkpoints says)")
 
 
 def find_last_step(root) -> int | None:

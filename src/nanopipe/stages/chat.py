@@ -17,7 +17,7 @@ import torch
 
 from nanopipe import paths
 from nanopipe.inference.engine import Engine, TextStream
-from nanopipe.model.checkpoint import load_model
+from nanopipe.model.checkpoint import checkpoint_at, load_model
 from nanopipe.runtime import autocast_ctx, compute_dtype
 from nanopipe.stage import DEVICE_PARAMS, Stage
 from nanopipe.tokenizer import load_tokenizer
@@ -38,7 +38,8 @@ def parse_options(argv: list[str], cfg) -> argparse.Namespace:
 def run(st: Stage) -> None:
     args = st.options or parse_options([], st.cfg)
     tokenizer = load_tokenizer(paths.TOKENIZER)
-    model, _ = load_model(paths.checkpoint_dir(st.cfg.serve.source), st.dev.device, "eval", tokenizer=tokenizer)
+    ckpt = checkpoint_at(paths.checkpoint_dir(st.cfg.serve.source), st.cfg.serve.step, "serve.step")
+    model, _ = load_model(ckpt, st.dev.device, "eval", tokenizer=tokenizer)
     run_chat(model, tokenizer, prompt=args.prompt, temperature=args.temperature, top_k=args.top_k,
              max_tokens=args.max_tokens, dtype=st.cfg.runtime.dtype)
 

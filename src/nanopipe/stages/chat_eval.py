@@ -21,7 +21,7 @@ from nanopipe.eval.chatcore import (
     chatcore,
     evaluate_model,
 )
-from nanopipe.model.checkpoint import load_model
+from nanopipe.model.checkpoint import checkpoint_at, load_model
 from nanopipe.stage import DEVICE_PARAMS, Stage
 from nanopipe.tasks import DatasetUnavailableError
 from nanopipe.tokenizer import load_tokenizer
@@ -56,6 +56,7 @@ def run(st: Stage) -> None:
             metrics[source] = {"skipped": note}
             report += ["", f"### {source}", "", f"Skipped: {note}"]
             continue
+        ckpt = checkpoint_at(ckpt, c.step, "chat_eval.step")
         model, meta = load_model(ckpt, dev.device, "eval", tokenizer=tokenizer)
         results = evaluate_model(model, tokenizer, tasks, c, dev.autocast)
         del model

@@ -152,7 +152,7 @@ def run(st: Stage) -> None:
     # Resume only from a checkpoint of this very run: same config, tokenizer and shards.
     run_id = fingerprint(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.pretrain), cfg.runtime.seed,
                          artifacts.sha256_file(paths.TOKENIZER / "tokenizer.json"), [s["sha256"] for s in manifest["shards"]])
-    resume = Resume(st, run_id)
+    resume = Resume(st, run_id, keep=p.keep_checkpoints)  # its snapshots become models/base/steps/
     meta = resume.load(model, optimizer)
     step, loader_state = 0, None
     loop = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
@@ -221,7 +221,7 @@ def run(st: Stage) -> None:
     # -- save and summarize ------------------------------------------------------------------------
     final_meta = {"step": step, "val_bpb": val_bpb, "loop_state": loop, "max_seq_len": T, "device_batch_size": B,
                   "total_batch_size": pl.total_batch_size, "user_config": OmegaConf.to_container(cfg.pretrain)}
-    save_checkpoint(paths.CHECKPOINTS["base"], model, None, final_meta, save_rng=False)
+    save_checkpoint(paths.CHECKPOINTS["base"], model, None, final_meta, save_rng=False, history=resume.history)
     resume.clear()
     st.finish(*summarize(pl, loop, val_bpb, core, samples, meter, dev, step, resumed_from))
 

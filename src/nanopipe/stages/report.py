@@ -36,7 +36,7 @@ log = logging.getLogger("nanopipe.report")
 PARAMS = ["report"]
 
 # The lifecycle, in order. The report shows each one, run or not.
-STAGES = ["download", "tokenizer", "tok_eval", "pretrain", "base_eval", "sft", "rl", "chat_eval"]
+STAGES = ["download", "tokenizer", "tok_eval", "pretrain", "base_eval", "sft", "rl", "chat_eval", "export"]
 REPORT = paths.METRICS / "report.md"
 KEY_PACKAGES = ["torch", "dvc", "hydra-core", "omegaconf", "mlflow", "tokenizers", "tiktoken", "rustbpe",
                 "pyarrow", "numpy", "datasets", "fastapi", "uvicorn"]

@@ -95,7 +95,7 @@ def run(st: Stage) -> None:
     # Resume only a run with the same config, starting weights and tokenizer.
     run_id = fingerprint(OmegaConf.to_container(r), cfg.runtime.seed, src_meta["files"]["model.pt"]["sha256"],
                          artifacts.sha256_file(paths.TOKENIZER / "tokenizer.json"))
-    resume = Resume(st, run_id)
+    resume = Resume(st, run_id, keep=r.keep_checkpoints)  # its snapshots become models/rl/steps/
     state = resume.load(model, optimizer)
     start = 0
     history = {"pass_at_k": [], "reward": []}
@@ -140,7 +140,7 @@ def run(st: Stage) -> None:
     save_checkpoint(paths.CHECKPOINTS["rl"], model, None,
                     {"step": pl.num_steps, "source": r.source, "source_step": src_meta.get("step"),
                      "user_config": OmegaConf.to_container(r), "pass_at_k": history["pass_at_k"][-1]},
-                    save_rng=False)
+                    save_rng=False, history=resume.history)
     resume.clear()
     st.finish(*summarize(r, pl, history, timing, len(val_task), src_meta, dev, start))
 

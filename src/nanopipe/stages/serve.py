@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from nanopipe import paths
-from nanopipe.model.checkpoint import load_model
+from nanopipe.model.checkpoint import checkpoint_at, load_model
 from nanopipe.serving.app import serve
 from nanopipe.stage import DEVICE_PARAMS, Stage
 from nanopipe.tokenizer import load_tokenizer
@@ -22,7 +22,7 @@ PARAMS = ["serve", *DEVICE_PARAMS]
 
 def run(st: Stage) -> None:
     tokenizer = load_tokenizer(paths.TOKENIZER)
-    ckpt = paths.checkpoint_dir(st.cfg.serve.source)
+    ckpt = checkpoint_at(paths.checkpoint_dir(st.cfg.serve.source), st.cfg.serve.step, "serve.step")
     model, _ = load_model(ckpt, st.dev.device, "eval", tokenizer=tokenizer)
     log.info("serving %s", ckpt)
     st.tracker.log_text(str(ckpt), "checkpoint.txt")

@@ -110,7 +110,7 @@ def run(st: Stage) -> None:
     # Resume only from a checkpoint of this very run: same config, base model and tokenizer.
     run_id = fingerprint(OmegaConf.to_container(s), cfg.runtime.seed, base_meta["files"]["model.pt"]["sha256"],
                          artifacts.sha256_file(paths.TOKENIZER / "tokenizer.json"))
-    resume = Resume(st, run_id)
+    resume = Resume(st, run_id, keep=s.keep_checkpoints)  # its snapshots become models/sft/steps/
     meta = resume.load(model, optimizer)
     step, loader_state = 0, None
     loop = {"min_val_loss": None, "min_val_bpb": None, "smooth_train_loss": 0.0, "total_training_time": 0.0,
@@ -181,7 +181,7 @@ def run(st: Stage) -> None:
     final_meta = {"step": step, "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"), "max_seq_len": T,
                   "device_batch_size": B, "total_batch_size": pl.total_batch_size, "loop_state": loop,
                   "base_step": base_meta.get("step"), "user_config": OmegaConf.to_container(s)}
-    save_checkpoint(paths.CHECKPOINTS["sft"], model, None, final_meta, save_rng=False)
+    save_checkpoint(paths.CHECKPOINTS["sft"], model, None, final_meta, save_rng=False, history=resume.history)
     resume.clear()
 
     samples, problems = [], []

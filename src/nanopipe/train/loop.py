@@ -4,6 +4,9 @@
 - `Resume`: in-progress checkpoints under models/resume/<stage>/ (not a DVC output, so
   DVC never deletes it before a rerun). A checkpoint is used only when it was written by
   a run with the same fingerprint (config + inputs); otherwise the stage starts fresh.
+  Beside each one it keeps a weights-only snapshot for the checkpoint history
+  (models/resume/<stage>/history/, `keep` newest of them); the final save moves them into
+  the stage's output as models/<stage>/steps/ (nanopipe.model.checkpoint.save_checkpoint).
 - `StepMeter`: smoothed loss, tok/s, MFU, ETA, and the progress bar on rank 0.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm import tqdm
 from nanopipe import paths
 from nanopipe.model.checkpoint import (
     find_last_step,
+    history_steps_in,
     load_checkpoint,
     save_checkpoint,
     step_dir,
@@ -57,11 +61,14 @@ def fingerprint(*parts: Any) -> str:
 class Resume:
     """In-progress checkpoints of one stage, valid only for the run that wrote them."""
 
-    def __init__(self, stage, run_fingerprint: str, root: Path = paths.RESUME):
-        """`stage`: the running nanopipe.stage.Stage (its name, and its plot rows to save and restore)."""
+    def __init__(self, stage, run_fingerprint: str, root: Path = paths.RESUME, keep: int = 0):
+        """`stage`: the running nanopipe.stage.Stage (its name, and its plot rows to save and restore).
+        keep: snapshots kept for the checkpoint history: -1 all, 0 none, N the newest N."""
         self.stage = stage
         self.dir = root / stage.name
+        self.history = self.dir / "history"
         self.fingerprint = run_fingerprint
+        self.keep = keep
 
     def latest(self) -> Path | None:
         step = find_last_step(self.dir)
@@ -77,21 +84,37 @@ class Resume:
     def load(self, model, optimizer) -> dict | None:
         ckpt = self.latest()
         if ckpt is None:
+            if is_rank0():  # a fresh run: snapshots of another run are not this run's history
+                shutil.rmtree(self.history, ignore_errors=True)
             return None
         meta = load_checkpoint(ckpt, model, optimizer)
         self.stage.restore_plots(meta.get("plots", {}), meta["step"])  # the curves so far, not just after the resume
+        if is_rank0():  # a snapshot written after this checkpoint, by the interrupted run, is redone
+            for later in [s for s in history_steps_in(self.history) if s > meta["step"]]:
+                shutil.rmtree(step_dir(self.history, later), ignore_errors=True)
         return meta
 
     def save(self, step: int, model, optimizer, meta: dict) -> None:
         """Every rank calls this; the previous checkpoint is removed once the new one is on disk."""
         previous = find_last_step(self.dir)
         if is_rank0():
-            for stale in self.dir.glob(".step_*"):  # temp dirs of a save that was killed midway
+            for stale in [*self.dir.glob(".step_*"), *self.history.glob(".step_*")]:  # temp dirs of a killed save
                 shutil.rmtree(stale, ignore_errors=True)
+        if self.keep != 0:
+            self.snapshot(step, model, meta)
         save_checkpoint(step_dir(self.dir, step), model, optimizer, {**meta, "step": step, "fingerprint": self.fingerprint, "plots": self.stage.plot_rows()})
         barrier()
         if is_rank0() and previous is not None and previous != step:
             shutil.rmtree(step_dir(self.dir, previous), ignore_errors=True)
+
+    def snapshot(self, step: int, model, meta: dict) -> None:
+        """The weights at `step` for the checkpoint history (no optimizer, no RNG), with the caller's
+        scalar meta (val_bpb, ...); the oldest snapshots beyond `keep` are removed."""
+        small = {k: v for k, v in meta.items() if v is None or isinstance(v, (bool, int, float, str))}
+        save_checkpoint(step_dir(self.history, step), model, None, {**small, "step": step}, save_rng=False)
+        if is_rank0() and self.keep > 0:
+            for old in history_steps_in(self.history)[:-self.keep]:
+                shutil.rmtree(step_dir(self.history, old), ignore_errors=True)
 
     def clear(self) -> None:
         if is_rank0():
