@@ -62,7 +62,7 @@ def test_whole_chain_through_dvc(repo_copy):
     # Code deps follow the lifecycle (docs/pipeline.md): a serving edit reruns nothing in the chain,
     # an edit to the bits-per-byte code reruns exactly the stages that compute with it.
     def changed_stages():
-        status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+        status = json.loads(run(["dvc", "status", "--json", "dvc.yaml"], repo).stdout)
         return sorted(name.split(":")[-1] for name in status)
 
     with open(repo / "src/nanopipe/serving/app.py", "a") as f:

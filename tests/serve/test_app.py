@@ -374,5 +374,5 @@ def test_config_from_omegaconf_and_worker_count():
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
         assert r.json()["choices"][0]["message"]["content"] == "Hi \ufffd"  # 4 tokens: "Hi " + half an é
         assert c.get("/stats").json()["workers"][0]["max_batch"] == 3
-    with pytest.raises(ValueError, match="needs CUDA"):
+    with pytest.raises(ValueError, match=r"`serve.workers` = 2: expected 0 or 1: more workers need CUDA GPUs"):
         worker_models(scripted_reply_model(REPLY), workers=2)
