@@ -11,7 +11,7 @@ from omegaconf.errors import ConfigAttributeError
 
 from helpers import REPO, make_cfg
 from nanopipe.config import ConfigError, select
-from nanopipe.stage import DEVICE_PARAMS, Stage, run_stage
+from nanopipe.stage import DEVICE_PARAMS, run_stage
 
 
 def fake_stage(name, params, body):
