@@ -47,8 +47,7 @@ WORLD_PARAMS = [*DEVICE_PARAMS, "runtime.nproc_per_node", "runtime.nnodes"]
 class Stage:
     def __init__(self, module: ModuleType, cfg: DictConfig, options: Any = None):
         self.name = module.__name__.rsplit(".", 1)[-1]
-        self.params = list(module.PARAMS)
-        self.cfg = select(cfg, self.params)
+        self.cfg = select(cfg, module.PARAMS)
         self.options = options
         _, self.rank, _, self.world_size = get_dist_info()
         self.rank0 = self.rank == 0
@@ -136,8 +135,8 @@ class Stage:
         self.tracker.log_metrics(flatten(metrics))
         self.tracker.log_artifact(paths.metrics_file(name))
         self.tracker.log_artifact(paths.section_file(name))
-        for name in self._plots:
-            self.tracker.log_artifact(paths.plot_file(self.name, name), "plots")
+        for plot in self._plots:
+            self.tracker.log_artifact(paths.plot_file(self.name, plot), "plots")
 
 
 def fmt(x, spec: str = ".4f") -> str:
