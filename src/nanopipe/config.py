@@ -67,9 +67,10 @@ class RuntimeConfig:
     threads: int = at_least(0)
     nproc_per_node: int = at_least(1)
     nnodes: int = at_least(1)
+    launcher: str = one_of("auto", "slurm", "torchrun")
     rdzv_backend: str = one_of("static", "c10d")
     rdzv_endpoint: str = MISSING
-    rdzv_id: str = MISSING
+    srun_args: str = MISSING
 
 
 @dataclass
@@ -306,8 +307,8 @@ def _cross_checks(cfg: DictConfig) -> Iterable[tuple[bool, str, str]]:
            f"at most data.total_shards - 1 = {cfg.data.total_shards - 1} (one shard is the val shard)")
     yield (cfg.data.source == "embedded" or "{index" in cfg.data.url_template, "data.url_template",
            f"an fsspec URL with an {{index}} field (e.g. https://host/shard_{{index:05d}}.parquet) for data.source={cfg.data.source}")
-    yield (cfg.runtime.nnodes == 1 or bool(cfg.runtime.rdzv_endpoint), "runtime.rdzv_endpoint",
-           "host:port of node 0 when runtime.nnodes > 1")
+    yield (cfg.runtime.nnodes == 1 or cfg.runtime.launcher != "torchrun" or bool(cfg.runtime.rdzv_endpoint),
+           "runtime.rdzv_endpoint", "host:port of node 0 when runtime.nnodes > 1 with runtime.launcher=torchrun")
 
 
 # -----------------------------------------------------------------------------

@@ -171,6 +171,81 @@ def is_rank0() -> bool:
     return _env_rank() == 0
 
 
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every rank (any picklable value): a decision taken once, the same on all ranks."""
+    if not (is_ddp_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not (is_ddp_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def is_multi_node() -> bool:
+    """Launched by torchrun on several nodes (fewer workers on this node than in the world)."""
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
+    return local is not None and world is not None and local != world
+
+
+def die_with_parent() -> None:
+    """Under torchrun, end this worker when its agent dies. torchrun starts workers in sessions of their
+    own, so a kill -9 of the agent (or of `dvc repro` above it) would leave them training, holding the
+    GPUs and writing beside the rerun. Linux's PR_SET_PDEATHSIG; elsewhere a no-op."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the agent died before the call took effect
+        os._exit(1)
+
+
+def node_name() -> str:
+    """This node, as messages name it: the host, and the torchrun node (group) rank when there is one."""
+    import socket
+
+    group = os.environ.get("GROUP_RANK")
+    return socket.gethostname() + (f" (node rank {group})" if group is not None else "")
+
+
+def check_shared_workdir(workdir) -> None:
+    """A multi-node stage reads its inputs from, and rank 0 writes its outputs to, one working directory:
+    every node must see it (a shared filesystem), else ranks elsewhere would read stale or missing files
+    and the run would hang or mix states. Rank 0 writes a token file there; every rank must read it back.
+    A no-op on one node (torchrun's LOCAL_WORLD_SIZE equals WORLD_SIZE)."""
+    import pathlib
+    import uuid
+
+    if not (is_ddp_initialized() and is_multi_node()):
+        return
+    name = broadcast_from_rank0(f".nanopipe-shared-{uuid.uuid4().hex[:12]}")
+    token = pathlib.Path(workdir).resolve() / name  # each rank looks in its own working directory
+    if is_rank0():
+        token.write_text(name)
+    dist.barrier()
+    seen = token.exists() and token.read_text() == name
+    views = gather_objects((seen, node_name()))
+    dist.barrier()
+    if is_rank0():
+        token.unlink(missing_ok=True)
+    blind = sorted({node for ok, node in views if not ok})
+    if blind:
+        raise RuntimeError(f"{', '.join(blind)} cannot see the working directory {token.parent} that node rank 0 "
+                           f"writes to (it wrote {name} there; they do not find it in theirs): a multi-node run needs the "
+                           "checkout on a shared filesystem, mounted at the same path on every node "
+                           "(README, \"Scale out\")")
+
+
 @dataclass
 class Device:
     """This process's place in the run: rank, world size, device, matmul dtype, peak FLOP/s."""

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
@@ -33,7 +34,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanopipe import artifacts, paths
 from nanopipe.config import ConfigError, load_config, select
-from nanopipe.runtime import Device, get_dist_info, setup_device, setup_logging
+from nanopipe.runtime import (
+    Device,
+    check_shared_workdir,
+    die_with_parent,
+    get_dist_info,
+    is_multi_node,
+    setup_device,
+    setup_logging,
+)
 from nanopipe.tracking import Tracker, flatten, git_commit
 
 log = logging.getLogger("nanopipe")
@@ -64,6 +73,7 @@ class Stage:
         if self._dev is None:
             rt = self.cfg.runtime
             self._dev = setup_device(rt.device, rt.dtype, rt.seed, rt.threads)
+            check_shared_workdir(Path.cwd())  # several nodes: every one must see the files rank 0 writes
         return self._dev
 
     def __enter__(self) -> "Stage":
@@ -147,12 +157,15 @@ def fmt(x, spec: str = ".4f") -> str:
 def run_stage(module: ModuleType, cfg: DictConfig, options: Any = None) -> None:
     """Run one stage module on a validated config, inside the contract."""
     with Stage(module, cfg, options) as st:
+        if is_multi_node():
+            st.dev  # join the other nodes and check they share the working directory before anyone reads an input
         module.run(st)
 
 
 def main(module: ModuleType, argv: list[str]) -> None:
     """`nanopipe <stage> [--option ...] [key=value ...]`: the stage on params.yaml plus overrides."""
     setup_logging()
+    die_with_parent()
     name = module.__name__.rsplit(".", 1)[-1]
     try:
         options, overrides = _split_options(argv)

@@ -25,13 +25,14 @@ from tqdm import tqdm
 
 from nanopipe import paths
 from nanopipe.model.checkpoint import (
+    CheckpointError,
     find_last_step,
     history_steps_in,
     load_checkpoint,
     save_checkpoint,
     step_dir,
 )
-from nanopipe.runtime import Device, barrier, is_rank0
+from nanopipe.runtime import Device, barrier, broadcast_from_rank0, gather_objects, is_rank0, node_name
 from nanopipe.train.schedules import apply_schedule
 
 log = logging.getLogger("nanopipe.train")
@@ -82,12 +83,27 @@ class Resume:
         return ckpt
 
     def load(self, model, optimizer) -> dict | None:
-        ckpt = self.latest()
+        """Resume from the checkpoint rank 0 chose, on every rank, or start fresh on every rank.
+
+        Rank 0 decides and broadcasts (a rank deciding from its own disk could start at step 0 while the
+        others load step N: mixed weights, then a hang). A rank that cannot load the chosen checkpoint
+        fails the whole run, every rank raising one message that names the node and the path."""
+        chosen = self.latest() if is_rank0() else None
+        ckpt = broadcast_from_rank0(str(chosen) if chosen else None)
         if ckpt is None:
             if is_rank0():  # a fresh run: snapshots of another run are not this run's history
                 shutil.rmtree(self.history, ignore_errors=True)
             return None
-        meta = load_checkpoint(ckpt, model, optimizer)
+        ckpt = Path(ckpt)
+        try:
+            meta, problem = load_checkpoint(ckpt, model, optimizer), None
+        except (CheckpointError, OSError) as e:
+            meta, problem = None, f"{node_name()}: {e}"
+        problems = [p for p in gather_objects(problem) if p]
+        if problems:
+            raise CheckpointError(f"cannot resume {self.stage.name} from {ckpt.resolve()} (chosen by rank 0) on every rank; "
+                                  "the nodes must share the working directory (README, \"Scale out\"):\n  "
+                                  + "\n  ".join(problems))
         self.stage.restore_plots(meta.get("plots", {}), meta["step"])  # the curves so far, not just after the resume
         if is_rank0():  # a snapshot written after this checkpoint, by the interrupted run, is redone
             for later in [s for s in history_steps_in(self.history) if s > meta["step"]]:
