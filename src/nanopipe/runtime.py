@@ -423,3 +423,122 @@ def get_peak_flops(device_name: str) -> float:
             return flops
     logger.warning(f"Peak flops undefined for {device_name!r}, MFU will show as 0%")
     return float("inf")
+
+
+# -----------------------------------------------------------------------------
+# Fetch once per node, decide once for every rank (issue 14)
+#
+# nanochat fetches shared files with a file lock and nothing else: every rank calls
+# download_file_with_lock (nanochat nanochat/common.py @1ec0a34), the lock holder downloads and the
+# others block, then find the file (nanochat scripts/base_eval.py @1ec0a34 fetches the CORE bundle so). A
+# failure there is a crash, so the ranks never disagree for long. nanopipe instead records an
+# unfetchable bundle or dataset as "unavailable" and carries on, and then the ranks must agree: a
+# rank that records "unavailable" skips collectives (the all-reduce of evaluate_task) that a rank
+# whose fetch worked enters, and both wait until the NCCL timeout. So here the outcome of the
+# fetch is decided once and shared, and every rank leaves with the same value-or-exception.
+
+class FetchFailed(RuntimeError):
+    """Stands in, on every rank, for an exception of `fetch_once`'s function that cannot cross
+    process boundaries (does not survive pickling): same text, one type on all ranks."""
+
+
+def _portable(exc: Exception) -> Exception:
+    """`exc` if a pickled copy of it comes back with the same type and text, else a FetchFailed with its text.
+
+    Checked by a round trip here, before it is sent: a copy that failed to unpickle would raise on the
+    receiving ranks only, and they would part ways with the sender."""
+    import pickle
+    try:
+        copy = pickle.loads(pickle.dumps(exc))
+        if type(copy) is type(exc) and str(copy) == str(exc):
+            return exc
+    except Exception:  # noqa: BLE001, S110 -- any failure to pickle or unpickle means: send the text instead
+        pass
+    return FetchFailed(f"{type(exc).__name__}: {exc}")
+
+
+def _fetch_locked(fn, lock_path: str, lock_timeout_s: float):
+    """(fn()'s value, None), or (None, the exception it raised), with `lock_path` held around the call."""
+    from filelock import FileLock, Timeout
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+        try:
+            # flock(2) underneath: released by the kernel if the holder dies, so never stale
+            with FileLock(lock_path, timeout=lock_timeout_s):
+                return fn(), None
+        except Timeout:
+            raise TimeoutError(f"waited {lock_timeout_s:.0f} s for the lock {lock_path}: another process (another "
+                               f"job sharing this cache?) holds it while it fetches into the same place") from None
+    except Exception as e:  # becomes this rank's outcome, shared with every rank, never raised past a collective
+        return None, e
+
+
+def _agree(failure: Exception | None, src: int | None = None) -> None:
+    """Share the failures (rank `src`'s alone, or every rank's) and raise the first one, by rank, on every
+    rank; return on every rank when there was none. A collective: every rank calls it."""
+    rank = dist.get_rank()
+    sent = None if failure is None else _portable(failure)
+    if src is not None:
+        box = [sent]
+        dist.broadcast_object_list(box, src=src)
+        failures = {src: box[0]}
+    else:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sent)
+        failures = dict(enumerate(gathered))
+    first = next((r for r in sorted(failures) if failures[r] is not None), None)
+    if first is None:
+        return
+    if first == rank:  # the rank it happened on raises its own exception (with its traceback)
+        if sent is failure:
+            raise failure
+        raise sent from failure
+    exc = failures[first]
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(f"(raised on rank {first}; fetch_once raised it on every rank so that all take the same branch)")
+    raise exc
+
+
+def fetch_once(fn, lock_path, lock_timeout_s: float = 1200.0):
+    """Call `fn()` -- fetch or build something into a cache on local disk and return it -- so that ONE
+    process per node does the work and every rank leaves with the same outcome.
+
+    One process (no process group, or world size 1): a plain `fn()`, no lock.
+
+    Under torch.distributed this is a collective: every rank must call it, in the same order.
+      1. Global rank 0 calls `fn()` first, so that with a cache on a shared filesystem the other nodes
+         just hit it. If it raised, every rank raises that exception now and nobody else calls `fn`.
+      2. Then local rank 0 (torchrun's LOCAL_RANK) of every other node calls it: it fills that node's
+         cache, or finds rank 0's. Where LOCAL_RANK is unset, each rank counts as local rank 0 of its
+         own node (still safe: the lock keeps ranks sharing a cache from fetching at once).
+      3. Then all the other ranks call it: they read what their node's local rank 0 left.
+    Each call holds the file lock `lock_path` (which should sit next to the cache), so that two jobs
+    sharing a cache on one node, or nodes sharing it on a filesystem, never fetch into it at once.
+    After each of the three steps the failures are shared (broadcast, then all-gather of a small
+    object; values never travel, each rank keeps its own): if any rank's `fn()` raised, EVERY rank
+    raises the exception of the lowest such rank, with the same type and text (one that cannot be
+    pickled becomes `FetchFailed` with its text, on every rank). So callers catch exactly as they
+    would around a plain `fn()`, and all ranks take the same branch.
+
+    Bounded: an exception in `fn` (or a lock not acquired within `lock_timeout_s`, a TimeoutError) is
+    an outcome that is shared, never raised past a collective the other ranks are in. `fn` must bound
+    its own time (fetch_eval_bundle has a timeout); while it runs the other ranks wait in a collective,
+    whose limit is the process group's timeout (runtime.compute_init's timeout_s, 30 min): keep
+    `lock_timeout_s` below it so a lock that is never released fails with this message, not theirs.
+    KeyboardInterrupt and SystemExit are not caught: the process ends and torchrun stops the others.
+    """
+    if not (is_ddp_initialized() and dist.get_world_size() > 1):
+        return fn()
+    lock_path = os.fspath(lock_path)
+    rank = dist.get_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    value, failure = _fetch_locked(fn, lock_path, lock_timeout_s) if rank == 0 else (None, None)
+    _agree(failure, src=0)
+    if local_rank == 0 and rank != 0:
+        value, failure = _fetch_locked(fn, lock_path, lock_timeout_s)
+    _agree(failure)
+    if local_rank != 0:
+        value, failure = _fetch_locked(fn, lock_path, lock_timeout_s)
+    _agree(failure)
+    return value

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 from nanopipe.artifacts import atomic_dir
-from nanopipe.runtime import Device, all_reduce, get_dist_info, print0
+from nanopipe.runtime import Device, all_reduce, fetch_once, get_dist_info, print0
 
 log = logging.getLogger("nanopipe.core")
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -44,6 +44,9 @@ class EvalBundleUnavailable(RuntimeError):
     def __init__(self, url: str, reason: str):
         self.url, self.reason = url, reason
         super().__init__(f"eval bundle unavailable: cannot fetch {url}: {reason}")
+
+    def __reduce__(self):  # pickled by fetch_once to reach the other ranks: rebuild from (url, reason)
+        return type(self), (self.url, self.reason)
 
 
 class EvalBundleInvalid(ValueError):
@@ -336,9 +339,16 @@ def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, max_seq
 
 def core_or_unavailable(model, tokenizer, dev: Device, bundle_url: str, bundle_cache: str, max_per_task: int) -> dict:
     """CORE results, or {"core_metric": None, "core_unavailable": reason} when the bundle cannot be had
-    (offline, say): base_eval and pretrain's periodic CORE then record why and carry on."""
+    (offline, say): base_eval and pretrain's periodic CORE then record why and carry on.
+
+    Every rank calls this. Under torch.distributed the bundle is fetched by one rank per node
+    (runtime.fetch_once, under the lock <bundle_cache>/.eval_bundle.lock) and the outcome is shared, so
+    all ranks evaluate or all record "unavailable" with the same reason: were it decided per rank, a rank
+    that gave up would skip the all-reduce of evaluate_task the others wait in, until the NCCL timeout.
+    An invalid bundle (EvalBundleInvalid) is raised on every rank, failing the run with its message."""
     try:
-        bundle = fetch_eval_bundle(bundle_url, Path(bundle_cache))
+        bundle = fetch_once(lambda: fetch_eval_bundle(bundle_url, Path(bundle_cache)),
+                            Path(bundle_cache) / ".eval_bundle.lock")
     except EvalBundleUnavailable as e:
         log.warning("CORE unavailable: %s", e)
         return {"core_metric": None, "core_unavailable": str(e)}

@@ -198,8 +198,25 @@ def load_hf_dataset(hub_path, subset, split, dataset_dir=None, cache_dir=None):
     dataset_dir: a directory holding local copies as <dataset_dir>/<hub_path>/ in the hub
     repo layout (e.g. `hf download --repo-type dataset openai/gsm8k --local-dir
     <dataset_dir>/openai/gsm8k`). When given, the hub is never contacted.
-    cache_dir: the datasets cache (default: HF_DATASETS_CACHE, i.e. $HF_HOME/datasets)."""
+    cache_dir: the datasets cache (default: HF_DATASETS_CACHE, i.e. $HF_HOME/datasets).
+
+    Every rank calls this. Under torch.distributed one rank per node downloads (or builds the arrow
+    cache of a local copy) first, under a file lock in the datasets cache, and the others then load
+    from that cache (runtime.fetch_once): not N concurrent hub downloads, and if it fails, every rank
+    raises the same DatasetUnavailableError, so all take the same branch (chat_eval records the task
+    as unavailable on all ranks, not on some while the others wait in a collective)."""
     import datasets  # imported lazily: the embedded tasks must not pay for it
+
+    from nanopipe.runtime import fetch_once
+
+    cache = Path(cache_dir or datasets.config.HF_DATASETS_CACHE)
+    lock = cache / f".nanopipe-{hub_path.replace('/', '--')}.lock"  # per dataset: others may load meanwhile
+    return fetch_once(lambda: _load_hf_dataset(hub_path, subset, split, dataset_dir, cache_dir), lock)
+
+
+def _load_hf_dataset(hub_path, subset, split, dataset_dir, cache_dir):
+    """load_hf_dataset's work in one process."""
+    import datasets
 
     name = f"{hub_path}" + (f" (config {subset!r})" if subset else "")
     if dataset_dir:
