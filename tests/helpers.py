@@ -47,7 +47,7 @@ def make_repo_copy(dest: Path, *overrides: str) -> Path:
     run(["git", "config", "user.email", "t@t"], dest)
     run(["git", "config", "user.name", "t"], dest)
     run(["dvc", "init", "-q"], dest)
-    run(["dvc", "config", "hydra.enabled", "true"], dest)
+    shutil.copy2(REPO / ".dvc/config", dest / ".dvc/config")  # hydra on, and the cache links (not copies) outputs
     run([sys.executable, "-m", "nanopipe.cli", "compose", *overrides], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "init"], dest)

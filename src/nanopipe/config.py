@@ -201,6 +201,7 @@ class SFTConfig:
 
 @dataclass
 class RLConfig:
+    enabled: bool = MISSING
     source: str = one_of("sft", "base")
     task: str = one_of("gsm8k", "arithmetic")
     train_examples: int = every_or_off()
@@ -307,6 +308,8 @@ def _cross_checks(cfg: DictConfig) -> Iterable[tuple[bool, str, str]]:
            f"at most data.total_shards - 1 = {cfg.data.total_shards - 1} (one shard is the val shard)")
     yield (cfg.data.source == "embedded" or "{index" in cfg.data.url_template, "data.url_template",
            f"an fsspec URL with an {{index}} field (e.g. https://host/shard_{{index:05d}}.parquet) for data.source={cfg.data.source}")
+    yield (cfg.rl.enabled or cfg.export.source != "rl", "export.source",
+           "sft or base when rl.enabled is false (no RL checkpoint is made)")
     yield (cfg.runtime.nnodes == 1 or cfg.runtime.launcher != "torchrun" or bool(cfg.runtime.rdzv_endpoint),
            "runtime.rdzv_endpoint", "host:port of node 0 when runtime.nnodes > 1 with runtime.launcher=torchrun")
 

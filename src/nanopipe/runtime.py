@@ -473,19 +473,12 @@ def _fetch_locked(fn, lock_path: str, lock_timeout_s: float):
         return None, e
 
 
-def _agree(failure: Exception | None, src: int | None = None) -> None:
-    """Share the failures (rank `src`'s alone, or every rank's) and raise the first one, by rank, on every
+def _agree(failure: Exception | None, rank0_only: bool = False) -> None:
+    """Share the failures (rank 0's alone, or every rank's) and raise the first one, by rank, on every
     rank; return on every rank when there was none. A collective: every rank calls it."""
     rank = dist.get_rank()
     sent = None if failure is None else _portable(failure)
-    if src is not None:
-        box = [sent]
-        dist.broadcast_object_list(box, src=src)
-        failures = {src: box[0]}
-    else:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, sent)
-        failures = dict(enumerate(gathered))
+    failures = {0: broadcast_from_rank0(sent)} if rank0_only else dict(enumerate(gather_objects(sent)))
     first = next((r for r in sorted(failures) if failures[r] is not None), None)
     if first is None:
         return
@@ -534,7 +527,7 @@ def fetch_once(fn, lock_path, lock_timeout_s: float = 1200.0):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
     value, failure = _fetch_locked(fn, lock_path, lock_timeout_s) if rank == 0 else (None, None)
-    _agree(failure, src=0)
+    _agree(failure, rank0_only=True)
     if local_rank == 0 and rank != 0:
         value, failure = _fetch_locked(fn, lock_path, lock_timeout_s)
     _agree(failure)

@@ -74,6 +74,8 @@ class Plan:
 
 
 def run(st: Stage) -> None:
+    if not st.cfg.rl.enabled:
+        return skip(st)
     cfg, r, dev = st.cfg, st.cfg.rl, st.dev
 
     # -- build: policy, tasks, plan, optimizer, resume -------------------------------------------
@@ -210,3 +212,16 @@ def summarize(r, pl: Plan, history: dict, timing: dict, num_val: int, src_meta: 
         f"world size {world}",
     ])
     return metrics, report
+
+
+def skip(st: Stage) -> None:
+    """rl.enabled=false (the speedrun preset: nanochat's speedrun.sh runs no RL): the stage's outputs say
+    so. models/rl holds a note and no checkpoint, so chat_eval skips the source and serve picks sft."""
+    if not st.rank0:
+        return
+    why = "rl.enabled is false: no RL was run (nanochat's speedrun.sh runs none); models/rl holds no checkpoint"
+    with artifacts.atomic_dir(paths.CHECKPOINTS["rl"]) as out:
+        (out / "SKIPPED.txt").write_text(why + "\n", encoding="utf-8")
+    for plot, column in (("reward", "reward"), ("pass_at_k", "pass_at_1")):  # DVC's declared plots, empty
+        artifacts.write_text(paths.plot_file("rl", plot), f"step,{column}\n")
+    st.finish({"skipped": why}, f"_Skipped_: {why}.")
