@@ -3,7 +3,7 @@
 
 It runs `python -m nanopipe.cli <stage>`, which runs src/nanopipe/stages/<stage>.py through the
 stage contract (src/nanopipe/stage.py) on params.yaml. How, `runtime.*` in params.yaml decides
-(docs/scale-out.md has the design; the README's "Scale out" the recipes):
+(docs/decisions.md D11 says why; the README's "Scale out" how):
 
 - CPU stages (no --torchrun), or nproc_per_node = nnodes = 1: a plain process.
 - One node: `torchrun --standalone --nproc-per-node=N -m nanopipe.cli <stage>`.

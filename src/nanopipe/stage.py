@@ -166,6 +166,8 @@ def main(module: ModuleType, argv: list[str]) -> None:
     """`nanopipe <stage> [--option ...] [key=value ...]`: the stage on params.yaml plus overrides."""
     setup_logging()
     die_with_parent()
+    # before CUDA's allocator starts; nanochat base_train.py @1ec0a34 sets it (fragmentation OOMs without it)
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     name = module.__name__.rsplit(".", 1)[-1]
     try:
         options, overrides = _split_options(argv)
