@@ -206,3 +206,31 @@ def test_loader_state_is_gathered_only_for_checkpoints_and_gc_runs_periodically(
     assert len(gathered) == 2 and all(isinstance(s, dict) and s["rank"] == 0 for s in gathered)
     # the first step's collect, then one as the step count reaches 2 and 4
     assert len(collects) == 3
+
+
+def test_windowed_layers_on_a_gpu_without_flash_stop_the_stage(smoke_repo, monkeypatch):
+    # A CUDA GPU with neither FA3 nor FA2, fed to the real decision; the stage must stop before training
+    # and name the key that opts in. (CPU runs never get here: SDPA is their only path.)
+    from nanopipe.model import attention
+
+    monkeypatch.chdir(smoke_repo)
+    seen = []
+
+    def on_a_bare_gpu(window_sizes, seq_len, device, dtype):
+        seen.append(window_sizes)
+        return attention.sdpa_window_problem("cuda", torch.bfloat16, window_sizes, seq_len, False, False, None, "none installed")
+
+    monkeypatch.setattr(pretrain, "windowed_sdpa_problem", on_a_bare_gpu)
+    cfg = make_cfg("experiment=smoke", "tracking.enabled=false", "model.window_pattern=SSSL")
+    with pytest.raises(ConfigError, match=r"1 of 2 layers .*model.window_pattern=L.*model.allow_sdpa_window=true"):
+        run_stage(pretrain, cfg)
+    assert seen and not (smoke_repo / "models/base").exists()
+    with pytest.raises(ConfigError, match="total_batch_size"):  # opted in: it goes on (to the next check)
+        run_stage(pretrain, make_cfg("experiment=smoke", "tracking.enabled=false", "model.window_pattern=SSSL",
+                                     "model.allow_sdpa_window=true", "pretrain.total_batch_size=1000"))
+    seen.clear()
+    monkeypatch.setattr(pretrain, "windowed_sdpa_problem", lambda *a: seen.append(a) or None)  # flash there: no stop
+    with pytest.raises(ConfigError, match="total_batch_size"):
+        run_stage(pretrain, make_cfg("experiment=smoke", "tracking.enabled=false", "model.window_pattern=SSSL",
+                                     "pretrain.total_batch_size=1000"))
+    assert seen

@@ -30,6 +30,7 @@ from nanopipe.eval.bpb import bpb_on_shards
 from nanopipe.eval.core import core_or_unavailable
 from nanopipe.eval.samples import greedy_samples
 from nanopipe.model import fp8
+from nanopipe.model.attention import windowed_sdpa_problem
 from nanopipe.model.checkpoint import save_checkpoint
 from nanopipe.model.gpt import GPT, config_from_depth, create_model, maybe_compile
 from nanopipe.stage import WORLD_PARAMS, Stage
@@ -55,9 +56,13 @@ def matmul_precision(dev, fp8_recipe: str | None = None) -> str:
     state are fp32 either way (on CUDA the embedding tables are stored in bf16)."""
     if fp8_recipe is not None:
         return f"fp8 ({fp8_recipe})"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[autocast_dtype(dev)]
+
+
+def autocast_dtype(dev) -> torch.dtype:
+    """The dtype matmuls (and so q, k, v) run in: the autocast dtype, fp32 where autocast is off."""
     ctx = dev.autocast()
-    dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    return ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,15 @@ def run(st: Stage) -> None:
     train_shards, val_shard = split_paths(manifest)
     config = config_from_depth(m.depth, tokenizer.get_vocab_size(), m.max_seq_len, m.aspect_ratio, m.head_dim, m.window_pattern)
     model = create_model(config, dev.device)
+    # Sliding-window layers on a GPU with neither FA3 nor FA2 would train on masked SDPA, silently and far
+    # slower (nanochat only warns, scripts/base_train.py @1ec0a34): stop, unless the run opts in.
+    why = windowed_sdpa_problem(model.window_sizes, config.sequence_len, dev.device, autocast_dtype(dev))
+    if why is not None:
+        if not m.allow_sdpa_window:
+            raise ConfigError(f"params.yaml: {why}. Install FA3 (`pip install kernels`, Hopper) or flash-attn (docs/gpu.md), "
+                              "train full-context layers only with model.window_pattern=L, or accept the slow path with "
+                              "model.allow_sdpa_window=true")
+        log.warning("%s; going ahead as model.allow_sdpa_window=true", why)
     pl = plan(cfg, model, dev.world_size)
     log.info("model %s | %s params | %.3e FLOPs/token", config, f"{pl.num_params:,}", pl.flops_per_token)
     log.info("batch %d tokens (grad accum %d) x %d iterations (%s) = %s tokens, %.2f tokens/param, LRs x%.4f",
