@@ -120,6 +120,7 @@ class ModelConfig:
     head_dim: int = at_least(1)
     max_seq_len: int = at_least(8)
     window_pattern: str = need("a non-empty string of S and L", lambda v: len(v) > 0 and set(v) <= {"S", "L"})
+    allow_sdpa_window: bool = MISSING
 
 
 @dataclass

@@ -116,3 +116,60 @@ def test_backend_selection_on_cpu():
         q, k, v = qkv(1, 4, 2, 2, 8)
         with pytest.raises(AssertionError, match="FA2"):
             flash_attn.flash_attn_func(q, k, v, causal=True)
+
+
+# -- backend decisions, with the hardware as parameters (no GPU needed) ------------------------------
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize("cap,forced,ok", [
+    ((7, 5), False, False), ((7, 5), True, False),   # Turing: no FA2 at all
+    ((8, 0), False, True), ((8, 6), False, True), ((8, 9), False, True), ((9, 0), False, True),
+    ((10, 0), False, False), ((12, 0), False, False),  # Blackwell: wheels may lack kernels -> SDPA ...
+    ((10, 0), True, True), ((12, 0), True, True),      # ... unless NANOPIPE_ATTN_IMPL=fa2 forces it
+])
+def test_fa2_is_used_on_sm80_to_sm90_unless_forced(cap, forced, ok):
+    why = attention.fa2_problem(cap, forced)
+    assert (why is None) == ok, why
+    if cap[0] > 9 and not forced:
+        assert f"SM{cap[0]}{cap[1]}" in why and "NANOPIPE_ATTN_IMPL=fa2" in why
+
+
+@pytest.mark.parametrize("device,dtype,fa3,fa2,override,expected", [
+    ("cuda", BF16, True, True, None, "fa3"), ("cuda", BF16, False, True, None, "fa2"),
+    ("cuda", FP16, False, True, None, "fa2"), ("cuda", BF16, False, False, None, "sdpa"),
+    ("cuda", FP32, True, True, None, "sdpa"),  # flash kernels take bf16/fp16 only
+    ("cpu", BF16, True, True, None, "sdpa"), ("mps", BF16, False, False, None, "sdpa"),
+    ("cuda", BF16, True, True, "sdpa", "sdpa"), ("cuda", BF16, True, True, "fa2", "fa2"),
+])
+def test_choose_backend(device, dtype, fa3, fa2, override, expected):
+    assert attention.choose_backend(device, dtype, fa3, fa2, override) == expected
+
+
+SSSL_2048 = [(1024, 0), (1024, 0), (1024, 0), (2048, 0)]  # GPT._compute_window_sizes for SSSL at T=2048
+ALL_L = [(2048, 0)] * 4
+
+
+def test_sdpa_window_problem_only_for_windowed_layers_on_a_gpu_without_flash():
+    def problem(device="cuda", dtype=BF16, windows=SSSL_2048, fa3=False, fa2=False, override=None):
+        return attention.sdpa_window_problem(device, dtype, windows, 2048, fa3, fa2, override, "FA3 unavailable (x)")
+
+    why = problem()
+    assert "3 of 4 layers" in why and "1024 of 2048" in why and "model.window_pattern" in why
+    assert "neither FA3 nor FA2" in why and "FA3 unavailable (x)" in why
+    assert problem(windows=ALL_L) is None  # full-context layers: SDPA's causal fast path
+    assert problem(fa3=True) is None and problem(fa2=True) is None
+    assert problem(device="cpu") is None and problem(device="mps") is None  # SDPA is the only path there
+    assert "runtime.dtype" in problem(dtype=FP32, fa3=True)  # FA3 there, but fp32 q never reaches it
+    assert "NANOPIPE_ATTN_IMPL=sdpa" in problem(fa3=True, override="sdpa")
+
+
+def test_window_sizes_of_the_real_model_feed_the_check():
+    from nanopipe.model.gpt import GPT, config_from_depth
+
+    with torch.device("meta"):
+        sssl = GPT(config_from_depth(4, 512, 2048, 64, 64, "SSSL"))
+        full = GPT(config_from_depth(4, 512, 2048, 64, 64, "L"))
+    assert attention.sdpa_window_problem("cuda", BF16, sssl.window_sizes, 2048, False, False, None) is not None
+    assert attention.sdpa_window_problem("cuda", BF16, full.window_sizes, 2048, False, False, None) is None

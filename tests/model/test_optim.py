@@ -97,6 +97,65 @@ def test_adamw_step_matches_reference_and_torch():
     assert ours.state[p]["step"] == 4
 
 
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 numbers at |x| (8 significant bits)."""
+    return torch.pow(2.0, torch.floor(torch.log2(x.abs().clamp_min(1e-30))) - 7)
+
+
+def test_adamw_bf16_params_do_the_math_in_fp32():
+    # On CUDA wte and the value embeddings are bf16. nanochat (nanochat/optim.py @e02b339) runs their
+    # AdamW math in fp32 and rounds once, when writing back: the new weights are the exact update
+    # rounded to bf16, within half a bf16 ulp. Math in bf16 instead (the constants 1 - lr*wd, lr/bias1
+    # rounded to bf16, every op rounding) is off by up to hundreds of ulps here (lr*wd = 0.06: 0.94 in
+    # bf16 is 0.94140625), and by more than half an ulp in ~half of the elements.
+    from nanopipe.model.optim import adamw_step_fused
+
+    g = torch.Generator().manual_seed(0)
+    n = 4096
+    p = torch.randn(n, generator=g).bfloat16()
+    m = (torch.randn(n, generator=g) * 0.1).bfloat16()
+    v = (torch.rand(n, generator=g) * 0.01).bfloat16()
+    grad = torch.randn(n, generator=g).bfloat16()
+    lr, b1, b2, eps, wd, t = 0.3, 0.8, 0.95, 1e-10, 0.2, 3
+    P, _, V = reference_adamw(p.double(), grad.double(), m.double(), v.double(), t, lr, b1, b2, eps, wd)
+    s = lambda x: torch.tensor(float(x))  # noqa: E731  0-D fp32 CPU, as the optimizer passes them
+    adamw_step_fused(p, grad, m, v, s(t), s(lr), s(b1), s(b2), s(eps), s(wd))
+    assert p.dtype == m.dtype == v.dtype == torch.bfloat16  # state keeps the param's dtype
+    for name, ours, exact in (("param", p, P), ("exp_avg_sq", v, V)):
+        err = (ours.double() - exact).abs() / _bf16_ulp(exact.float()).double()
+        assert err.max().item() <= 0.5 + 1e-3, f"{name}: {err.max().item():.2f} bf16 ulps from the exact update"
+
+
+def test_hyperparameters_stay_cpu_scalars():
+    # nanochat (nanochat/optim.py @1ec0a34) hands the kernels 0-D CPU tensors: scalar arguments, so
+    # nothing is copied host-to-device per step. Params on the meta device stand in for a GPU here:
+    # no 0-D tensor may show up on the params' device in any op of a step.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.moved = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+                if isinstance(t, torch.Tensor) and t.dim() == 0 and t.device.type != "cpu":
+                    self.moved.add(str(func))
+            return out
+
+    a = torch.nn.Parameter(torch.ones(4, 4, device="meta"))
+    w = torch.nn.Parameter(torch.ones(8, 4, device="meta"))
+    opt = MuonAdamW([dict(kind="adamw", params=[a], lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1),
+                     dict(kind="muon", params=[w], lr=0.1, momentum=0.9, ns_steps=5, beta2=0.95, weight_decay=0.1)])
+    a.grad, w.grad = torch.ones(4, 4, device="meta"), torch.ones(8, 4, device="meta")
+    with Watch() as watch:
+        opt.step()
+    assert not watch.moved, f"hyperparameters copied to the params' device in {sorted(watch.moved)}"
+    hp = [v for k, v in vars(opt).items() if k.startswith(("_adamw_", "_muon_")) and torch.is_tensor(v)]
+    assert len(hp) == 10 and all(t.device.type == "cpu" and t.dim() == 0 for t in hp)
+
 def test_adamw_skips_params_without_grad():
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
     opt = MuonAdamW([dict(kind="adamw", params=[a, b], lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)])

@@ -2,9 +2,16 @@
 
 Backends, best first:
 - FA3 from the HF `kernels` hub (`varunneal/flash-attention-3`), Hopper (SM90) only;
-- FA2 from the `flash_attn` package, Ampere and newer;
+- FA2 from the `flash_attn` package, Ampere to Hopper (SM80-SM90; beyond, only when forced);
 - PyTorch SDPA, everywhere (CPU, MPS, any GPU, fp32).
-The flash kernels only take bf16/fp16 CUDA tensors; any other call uses SDPA.
+The flash kernels only take bf16/fp16 CUDA tensors; any other call uses SDPA. Which one a call
+uses is `choose_backend` (pure: the test drives it with made-up hardware).
+
+Sliding-window layers on SDPA need an explicit mask, which rules out SDPA's flash kernel: on a GPU
+that is a large, silent slowdown (nanochat scripts/base_train.py @1ec0a34 warns "Your GPU
+utilization will be terrible"). `sdpa_window_problem` says when a CUDA run would take that path; the
+pretrain stage then stops unless `model.allow_sdpa_window` is true. On CPU and MPS SDPA is the only
+path and nothing is said.
 
 Public API (what the model and the Engine call):
     flash_attn.flash_attn_func(q, k, v, causal=False, window_size=(-1, -1))
@@ -50,14 +57,28 @@ def _load_flash_attention_3():
         return None, f"{type(e).__name__}: {e}"
 
 
-def _load_flash_attention_2():
-    """FA2 functions from the `flash_attn` package, or (None, reason). Ampere and newer."""
+def fa2_problem(capability: tuple[int, int], forced: bool) -> str | None:
+    """Why FA2 is not used on a GPU of this compute capability, or None. flash_attn needs SM80+;
+    above SM90 (Blackwell: SM100, SM120) its wheels may carry no kernels for the GPU, and nanochat
+    itself runs SDPA there ("Blackwell (sm100) needs SDPA fallback", nanochat
+    nanochat/flash_attention.py @1ec0a34), so FA2 is taken only when forced (NANOPIPE_ATTN_IMPL=fa2)."""
+    major, minor = capability
+    if major < 8:
+        return f"FA2 needs SM80+, this GPU is SM{major}{minor}"
+    if major > 9 and not forced:
+        return (f"FA2 is used on SM80-SM90 only and this GPU is SM{major}{minor}, for which flash_attn wheels may "
+                f"have no kernels; force it with NANOPIPE_ATTN_IMPL=fa2")
+    return None
+
+
+def _load_flash_attention_2(forced: bool = False):
+    """FA2 functions from the `flash_attn` package, or (None, reason). SM80-SM90 unless forced."""
     if not torch.cuda.is_available():
         return None, "no CUDA device"
     try:
-        major, _ = torch.cuda.get_device_capability()
-        if major < 8:
-            return None, f"FA2 needs SM80+, this GPU is SM{major}x"
+        why = fa2_problem(torch.cuda.get_device_capability(), forced)
+        if why is not None:
+            return None, why
         from flash_attn import flash_attn_func as f2, flash_attn_with_kvcache as f2kv
         return SimpleNamespace(flash_attn_func=f2, flash_attn_with_kvcache=f2kv), None
     except Exception as e:
@@ -65,14 +86,14 @@ def _load_flash_attention_2():
 
 
 _fa3, _fa2 = None, None
+_reasons: list[str] = []
 if torch.cuda.is_available():
-    _reasons = []
     if _override_impl in (None, "fa3"):
         _fa3, _why = _load_flash_attention_3()
         if _fa3 is None:
             _reasons.append(f"FA3 unavailable ({_why})")
     if _fa3 is None and _override_impl in (None, "fa2"):
-        _fa2, _why = _load_flash_attention_2()
+        _fa2, _why = _load_flash_attention_2(forced=_override_impl == "fa2")
         if _fa2 is None:
             _reasons.append(f"FA2 unavailable ({_why})")
     if _fa3 is None and _fa2 is None:
@@ -80,6 +101,7 @@ if torch.cuda.is_available():
                        "(correct, but sliding windows are slow; consider window_pattern='L')")
 HAS_FA3 = _fa3 is not None
 HAS_FA2 = _fa2 is not None
+UNAVAILABLE = "; ".join(_reasons) or "no CUDA device"  # why neither flash backend loaded (for messages)
 
 
 def set_impl(impl: str | None) -> None:
@@ -100,19 +122,57 @@ def _use_fa3() -> bool:
     return HAS_FA3
 
 
+def choose_backend(device_type: str, dtype: torch.dtype, has_fa3: bool, has_fa2: bool, override: str | None) -> str:
+    """'fa3', 'fa2' or 'sdpa' for a call with q on `device_type` in `dtype` (pure: no hardware query)."""
+    if override == "fa3":
+        assert has_fa3, "Cannot override to FA3: not available on this hardware"
+        return "fa3"
+    if override == "fa2":
+        assert has_fa2, "Cannot override to FA2: the flash_attn package is not usable here"
+        return "fa2"
+    if override == "sdpa":
+        return "sdpa"
+    if not (device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)):
+        return "sdpa"  # flash kernels take half precision CUDA tensors only
+    return "fa3" if has_fa3 else "fa2" if has_fa2 else "sdpa"
+
+
+def sdpa_window_problem(device_type: str, dtype: torch.dtype, window_sizes, seq_len: int, has_fa3: bool,
+                        has_fa2: bool, override: str | None, unavailable: str = "") -> str | None:
+    """Why a model with these per-layer `window_sizes` ((left, 0) each), run at `seq_len` on
+    `device_type` with q in `dtype`, would put sliding-window layers on the slow masked SDPA path of
+    a GPU; None when it would not (no window shorter than the sequence, a flash backend, or not CUDA:
+    on CPU and MPS SDPA is the only path). Pure, so the decision is tested without a GPU."""
+    if device_type != "cuda":
+        return None
+    windowed = sorted({w for w, _ in window_sizes if 0 <= w < seq_len})
+    if not windowed:
+        return None
+    if choose_backend(device_type, dtype, has_fa3, has_fa2, override) != "sdpa":
+        return None
+    if override == "sdpa":
+        cause = "SDPA is forced (NANOPIPE_ATTN_IMPL=sdpa)"
+    elif dtype not in (torch.bfloat16, torch.float16):
+        cause = f"the flash kernels take bf16/fp16 and this run computes in {dtype} (runtime.dtype)"
+    else:
+        cause = f"neither FA3 nor FA2 is available ({unavailable or 'not installed'})"
+    n = sum(1 for w, _ in window_sizes if 0 <= w < seq_len)
+    return (f"{n} of {len(window_sizes)} layers attend through a sliding window ({', '.join(map(str, windowed))} of "
+            f"{seq_len} tokens, model.window_pattern) and on this CUDA device they would run on PyTorch SDPA with an "
+            f"explicit mask, far slower than a flash kernel: {cause}")
+
+
+def windowed_sdpa_problem(window_sizes, seq_len: int, device, dtype: torch.dtype) -> str | None:
+    """`sdpa_window_problem` for this process's backends (dtype: what q reaches attention in, i.e. the
+    autocast dtype, or fp32 without autocast)."""
+    return sdpa_window_problem(torch.device(device).type, dtype, window_sizes, seq_len, HAS_FA3, HAS_FA2,
+                               _override_impl, UNAVAILABLE)
+
+
 def _flash_backend(q: torch.Tensor):
     """The flash module to use for this call, or None for SDPA."""
-    if _override_impl == "fa3":
-        assert HAS_FA3, "Cannot override to FA3: not available on this hardware"
-        return _fa3
-    if _override_impl == "fa2":
-        assert HAS_FA2, "Cannot override to FA2: the flash_attn package is not usable here"
-        return _fa2
-    if _override_impl == "sdpa":
-        return None
-    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
-        return None  # flash kernels take half precision CUDA tensors only
-    return _fa3 if _fa3 is not None else _fa2
+    name = choose_backend(q.device.type, q.dtype, HAS_FA3, HAS_FA2, _override_impl)
+    return _fa3 if name == "fa3" else _fa2 if name == "fa2" else None
 
 
 def backend_name(device=None, dtype: torch.dtype = torch.bfloat16) -> str:

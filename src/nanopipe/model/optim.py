@@ -13,7 +13,8 @@ Each parameter group has `kind`:
   -> NorMuon per-row/column variance normalisation -> cautious weight decay + update, with the
   lr multiplied by sqrt(max(1, rows/cols)).
 Schedules change group['lr'], group['momentum'], group['weight_decay'] between steps; the
-values reach the kernels through 0-D CPU tensors so a compiled kernel never recompiles.
+values reach the kernels as 0-D CPU tensors, on whatever device the params are (scalar kernel
+arguments, as nanochat's), so a compiled kernel never recompiles and nothing is copied to the GPU.
 
 There is ONE implementation of each update rule (`adamw_step_fused`, `muon_step_fused`) and one
 place that feeds them hyperparameters (`_MuonAdamWBase._adamw_update/_muon_update`); the two
@@ -46,21 +47,39 @@ SMALL_PARAM_NUMEL = 1024  # DistMuonAdamW all-reduces AdamW params smaller than 
 
 
 def _as(t: Tensor, like: Tensor) -> Tensor:
-    # 0-D CPU hyperparameter -> like's device/dtype. Binary ops accept CPU scalars on any device,
-    # but lerp's weight must match, so every lerp weight goes through here.
-    return t.to(device=like.device, dtype=like.dtype)
+    # 0-D CPU hyperparameter -> like's dtype, staying a CPU scalar tensor: ops on any device take a
+    # 0-D CPU tensor as a scalar (a kernel argument, no host-to-device copy), and a compiled kernel
+    # reads it as a graph input, so a new value never recompiles. Only the dtype must match (lerp
+    # insists its weight has the input's dtype). As nanochat nanochat/optim.py @1ec0a34
+    # (`momentum_t.to(stacked_grads.dtype)`): never `.to(device=...)`, which would copy each
+    # hyperparameter host-to-device at every step.
+    return t.to(dtype=like.dtype)
 
 
 def adamw_step_fused(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_t: Tensor,
                      lr_t: Tensor, beta1_t: Tensor, beta2_t: Tensor, eps_t: Tensor, wd_t: Tensor) -> None:
-    """One AdamW step in place on p (any slice of a parameter). Hyperparameters are 0-D tensors."""
-    p.mul_(_as(1 - lr_t * wd_t, p))
-    exp_avg.lerp_(grad, _as(1 - beta1_t, exp_avg))
-    exp_avg_sq.lerp_(grad.square(), _as(1 - beta2_t, exp_avg_sq))
+    """One AdamW step in place on p (any slice of a parameter). Hyperparameters are 0-D CPU tensors.
+
+    The math runs in fp32 whatever the parameter's dtype, and the results are cast back to the
+    param/state dtypes at the end (nanochat nanochat/optim.py @e02b339, after 1ec0a34): on CUDA the
+    token and value embeddings are stored in bf16, and doing their update in bf16 rounds the
+    constants themselves (1 - lr*wd, 1 - beta2, eps, lr/bias1) to bf16's 8 significant bits:
+    1 - lr*wd = 0.999 becomes 1.0, i.e. no weight decay at all. For fp32 tensors `.float()` is the
+    tensor itself and the copies back are no-ops, so fp32 results are bit-identical to before.
+    """
+    p32, grad32 = p.float(), grad.float()
+    exp_avg32, exp_avg_sq32 = exp_avg.float(), exp_avg_sq.float()
+    p32.mul_(_as(1 - lr_t * wd_t, p32))
+    exp_avg32.lerp_(grad32, _as(1 - beta1_t, exp_avg32))
+    exp_avg_sq32.lerp_(grad32.square(), _as(1 - beta2_t, exp_avg_sq32))
     bias1 = 1 - beta1_t ** step_t
     bias2 = 1 - beta2_t ** step_t
-    denom = (exp_avg_sq / _as(bias2, exp_avg_sq)).sqrt() + _as(eps_t, exp_avg_sq)
-    p.sub_((exp_avg / denom) * _as(lr_t / bias1, p))
+    denom = (exp_avg_sq32 / _as(bias2, exp_avg_sq32)).sqrt() + _as(eps_t, exp_avg_sq32)
+    p32.sub_((exp_avg32 / denom) * _as(lr_t / bias1, p32))
+    # Write back, as nanochat: for fp32 tensors a copy onto itself, which torch skips.
+    p.copy_(p32)
+    exp_avg.copy_(exp_avg32)
+    exp_avg_sq.copy_(exp_avg_sq32)
 
 
 def muon_step_fused(stacked_grads: Tensor, stacked_params: Tensor, momentum_buffer: Tensor,

@@ -29,6 +29,8 @@ from nanopipe.data.shards import read_manifest, split_paths
 from nanopipe.eval.bpb import bpb_on_shards
 from nanopipe.eval.core import core_or_unavailable
 from nanopipe.eval.samples import greedy_samples
+from nanopipe.model import fp8
+from nanopipe.model.attention import windowed_sdpa_problem
 from nanopipe.model.checkpoint import save_checkpoint
 from nanopipe.model.gpt import GPT, config_from_depth, create_model, maybe_compile
 from nanopipe.stage import WORLD_PARAMS, Stage
@@ -41,6 +43,26 @@ log = logging.getLogger("nanopipe.pretrain")
 # CORE during training (pretrain.core_metric_every) fetches the bundle base_eval names.
 PARAMS = ["model", "pretrain", "base_eval.bundle_url", "base_eval.bundle_cache", *WORLD_PARAMS]
 B_REF = 2**19  # tokens per step of the d12 reference run every hyperparameter is transferred from
+# Python's GC is disabled after the first step of a run (it stalls steps for ~0.5 s at a time); a full
+# collection every GC_EVERY steps keeps very long runs safe (nanochat scripts/base_train.py @1ec0a34).
+GC_EVERY = 5000
+
+
+def matmul_precision(dev, fp8_recipe: str | None = None) -> str:
+    """What the model's matmuls run in, for the metrics: 'fp8 (<recipe>)' for an fp8 run's training
+    (its Float8 layers; layers fp8 skips run at the autocast precision), otherwise the autocast dtype
+    ('bf16', 'fp16'), or 'fp32' where autocast is off (an fp32 run; MPS). Read off the autocast
+    context the stage really enters, so the label cannot drift from what ran. Weights and optimizer
+    state are fp32 either way (on CUDA the embedding tables are stored in bf16)."""
+    if fp8_recipe is not None:
+        return f"fp8 ({fp8_recipe})"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[autocast_dtype(dev)]
+
+
+def autocast_dtype(dev) -> torch.dtype:
+    """The dtype matmuls (and so q, k, v) run in: the autocast dtype, fp32 where autocast is off."""
+    ctx = dev.autocast()
+    return ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32
 
 
 @dataclass(frozen=True)
@@ -124,8 +146,8 @@ def plan(cfg, model: GPT, world_size: int) -> Plan:
 def run(st: Stage) -> None:
     cfg, p, m = st.cfg, st.cfg.pretrain, st.cfg.model
     dev = st.dev
-    if p.fp8 and dev.device.type != "cuda":
-        raise bad_value("pretrain.fp8", True, f"false on {dev.device.type}: fp8 needs a CUDA GPU (Hopper, with torchao)")
+    if p.fp8 and (why := fp8.unsupported_reason(dev.device)) is not None:
+        raise bad_value("pretrain.fp8", True, f"false on {dev.device.type}: {why}")
 
     # -- build: tokenizer, data, model, optimizer ----------------------------------------------
     tokenizer = load_tokenizer(paths.TOKENIZER)
@@ -134,15 +156,24 @@ def run(st: Stage) -> None:
     train_shards, val_shard = split_paths(manifest)
     config = config_from_depth(m.depth, tokenizer.get_vocab_size(), m.max_seq_len, m.aspect_ratio, m.head_dim, m.window_pattern)
     model = create_model(config, dev.device)
+    # Sliding-window layers on a GPU with neither FA3 nor FA2 would train on masked SDPA, silently and far
+    # slower (nanochat only warns, scripts/base_train.py @1ec0a34): stop, unless the run opts in.
+    why = windowed_sdpa_problem(model.window_sizes, config.sequence_len, dev.device, autocast_dtype(dev))
+    if why is not None:
+        if not m.allow_sdpa_window:
+            raise ConfigError(f"params.yaml: {why}. Install FA3 (`pip install kernels`, Hopper) or flash-attn (docs/gpu.md), "
+                              "train full-context layers only with model.window_pattern=L, or accept the slow path with "
+                              "model.allow_sdpa_window=true")
+        log.warning("%s; going ahead as model.allow_sdpa_window=true", why)
     pl = plan(cfg, model, dev.world_size)
     log.info("model %s | %s params | %.3e FLOPs/token", config, f"{pl.num_params:,}", pl.flops_per_token)
     log.info("batch %d tokens (grad accum %d) x %d iterations (%s) = %s tokens, %.2f tokens/param, LRs x%.4f",
              pl.total_batch_size, pl.grad_accum_steps, pl.num_iterations, pl.horizon_from, f"{pl.total_tokens:,}",
              pl.tokens_per_scaling_param, pl.lr_scale)
     if p.fp8:
-        from nanopipe.model.fp8 import convert_to_fp8
-
-        convert_to_fp8(model, p.fp8_recipe, dev.device)
+        fp8.convert_to_fp8(model, p.fp8_recipe, dev.device)
+    train_precision = matmul_precision(dev, p.fp8_recipe if p.fp8 else None)
+    eval_precision = matmul_precision(dev)  # val bpb, CORE and samples run with fp8 swapped out (below)
     train_model = maybe_compile(model, dev.device.type == "cuda" if p.compile == "auto" else p.compile == "true")
     s = pl.lr_scale
     optimizer = model.setup_optimizer(unembedding_lr=p.unembedding_lr * s, embedding_lr=p.embedding_lr * s,
@@ -165,31 +196,43 @@ def run(st: Stage) -> None:
     B, T, N = p.device_batch_size, m.max_seq_len, pl.num_iterations
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, B, T, train_shards, tokenizer_threads=p.loader_threads, device=dev.device, resume_state_dict=loader_state)
-    x, y, next_state = next(loader)  # `loader_state` is the position before (x, y): what a resume replays from
+    x, y, next_state = next(loader)
+    # `position`: this rank's loader position before (x, y), what a resume replays from. Kept local per
+    # micro-step; all ranks' positions are gathered (a collective) only when a checkpoint is written.
+    position = None
     meter = StepMeter(N, step, pl.total_batch_size, pl.flops_per_token, dev, "pretrain",
                       loop["smooth_train_loss"], loop["total_training_time"])
 
     # -- loop: evaluate / sample / save at their intervals, then one optimizer step ------------
     val_bpb, core, samples = None, {"core_metric": None}, []
     st.log({"num_params": pl.num_params, "num_iterations": N}, step=step)
+    # Evaluation and sampling run with fp8 off: disable_fp8 swaps every Float8 layer for a plain Linear
+    # sharing its weight, so the numbers are measured at the eval precision, comparable with a bf16 run's
+    # (nanochat scripts/base_train.py @1ec0a34 wraps val bpb, CORE and sampling alike). `model` is the
+    # raw module: the compiled `train_model` wraps the same module objects, and the swap is undone
+    # before the next training step. (nanochat runs bpb through the compiled model; ours runs all three
+    # on the raw one.)
     while True:
         last = step == N
         if p.eval_every > 0 and (last or step % p.eval_every == 0) or (last and p.eval_every <= 0):
-            val_bpb = bpb_on_shards(model, tokenizer, token_bytes, [val_shard], B, T, p.eval_tokens, dev)
+            with fp8.disable_fp8(model):
+                val_bpb = bpb_on_shards(model, tokenizer, token_bytes, [val_shard], B, T, p.eval_tokens, dev)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
             meter.bar.write(f"step {step:05d} | val bpb {val_bpb:.4f}") if dev.master else None
             st.log({"val_bpb": val_bpb, "total_training_flops": pl.flops_per_token * pl.total_batch_size * step}, step=step, plot="val")
         if p.core_metric_every > 0 and (last or (step > 0 and step % p.core_metric_every == 0)):
             be = cfg.base_eval
-            core = core_or_unavailable(model, tokenizer, dev, be.bundle_url, be.bundle_cache, p.core_metric_max_per_task)
+            with fp8.disable_fp8(model):
+                core = core_or_unavailable(model, tokenizer, dev, be.bundle_url, be.bundle_cache, p.core_metric_max_per_task)
             if core["core_metric"] is not None:
                 st.log({"core_metric": core["core_metric"]}, step=step, plot="val")
         if p.sample_every > 0 and dev.master and (last or (step > 0 and step % p.sample_every == 0)):
-            samples = greedy_samples(model, tokenizer, max_tokens=16)
+            with fp8.disable_fp8(model):
+                samples = greedy_samples(model, tokenizer, max_tokens=16)
             for text in samples:
                 meter.bar.write(f"  sample: {text!r}")
         if not last and p.save_every > 0 and step > 0 and step != resumed_from and step % p.save_every == 0:
-            resume.save(step, model, optimizer, {"dataloader_state_dict": loader_state, "loop_state": loop,
+            resume.save(step, model, optimizer, {"dataloader_state_dict": gather_state_dicts(position), "loop_state": loop,
                                                  "val_bpb": val_bpb, "user_config": OmegaConf.to_container(cfg.pretrain)})
             st.flush_plots()
         if last:
@@ -201,7 +244,7 @@ def run(st: Stage) -> None:
                 loss = train_model(x, y)
             train_loss = loss.detach()
             (loss / pl.grad_accum_steps).backward()
-            loader_state = gather_state_dicts(next_state)
+            position = next_state
             x, y, next_state = next(loader)
         lrm = lr_multiplier(step, N, p.warmup_ratio, p.warmdown_ratio, p.final_lr_frac)
         optimizer_step(optimizer, model, lrm, muon_momentum(step), pl.weight_decay * (1 - step / N))
@@ -209,11 +252,14 @@ def run(st: Stage) -> None:
         loop.update(meter.loop_state())
         if step % p.log_every == 0:
             st.log({**stats, "lrm": lrm}, step=step, plot="train")
-        if step == resumed_from:  # Python's GC otherwise stalls steps for ~0.5 s at a time
-            gc.collect()
-            gc.freeze()
-            gc.disable()
+        first_step_of_run = step == resumed_from
         step += 1
+        if first_step_of_run:  # Python's GC otherwise stalls steps for ~0.5 s at a time
+            gc.collect()  # the garbage of the setup
+            gc.freeze()  # everything alive now is never scanned again
+            gc.disable()
+        elif step % GC_EVERY == 0:  # as nanochat: counted after the increment
+            gc.collect()
     meter.close()
     loader.close()
     gc.enable()
@@ -223,11 +269,11 @@ def run(st: Stage) -> None:
                   "total_batch_size": pl.total_batch_size, "user_config": OmegaConf.to_container(cfg.pretrain)}
     save_checkpoint(paths.CHECKPOINTS["base"], model, None, final_meta, save_rng=False, history=resume.history)
     resume.clear()
-    st.finish(*summarize(pl, loop, val_bpb, core, samples, meter, dev, step, resumed_from))
+    st.finish(*summarize(pl, loop, val_bpb, core, samples, meter, dev, step, resumed_from, train_precision, eval_precision))
 
 
 def summarize(pl: Plan, loop: dict, val_bpb, core: dict, samples: list[str], meter: StepMeter, dev, step: int,
-              resumed_from: int) -> tuple[dict, str]:
+              resumed_from: int, train_precision: str, eval_precision: str) -> tuple[dict, str]:
     """The stage's metrics and its report section."""
     tok_s = meter.median_tok_per_sec()
     metrics = {
@@ -242,6 +288,8 @@ def summarize(pl: Plan, loop: dict, val_bpb, core: dict, samples: list[str], met
         "mfu": None if not math.isfinite(dev.peak_flops) else 100 * pl.flops_per_token * (tok_s or 0) / (dev.peak_flops * dev.world_size),
         "training_time_s": loop["total_training_time"], "peak_memory_mib": dev.max_memory_mib(),
         "resumed_from_step": resumed_from or None, "param_counts": pl.param_counts,
+        # the matmul precision of the training steps, and of val bpb / CORE / samples (fp8 swapped out)
+        "train_precision": train_precision, "eval_precision": eval_precision,
     }
     report = "\n".join([
         f"- parameters: {pl.num_params:,} ({pl.num_scaling_params:,} scaling)",
@@ -250,6 +298,7 @@ def summarize(pl: Plan, loop: dict, val_bpb, core: dict, samples: list[str], met
         f"- tokens : scaling params = {pl.tokens_per_scaling_param:.2f}",
         f"- min val bpb: {metrics['min_val_bpb']}; final val bpb: {val_bpb}",
         f"- median tok/s: {tok_s}; MFU: {metrics['mfu']}; training time: {loop['total_training_time']:.1f} s",
+        f"- matmul precision: training {train_precision}; val bpb, CORE and samples {eval_precision}",
         f"- peak memory: {metrics['peak_memory_mib']:.0f} MiB; world size {dev.world_size}",
         *(["", "Samples (greedy):", *[f"- {s!r}" for s in samples]] if samples else []),
     ])
