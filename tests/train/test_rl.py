@@ -239,3 +239,26 @@ def test_two_ranks_train_like_one(tmp_path):
     b = torch.load(tmp_path / "two/models/rl/model.pt", weights_only=True)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), (k, (a[k] - b[k]).abs().max().item())
+
+
+def test_rl_disabled_records_the_skip_and_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """The speedrun preset (nanochat's speedrun.sh runs no RL): the stage writes its outputs as DVC
+    expects, none of them a checkpoint, so chat_eval skips the source and serve's `auto` picks sft."""
+    from helpers import make_cfg
+
+    from nanopipe import paths
+    from nanopipe.stage import run_stage
+    from nanopipe.stages import rl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models/sft").mkdir(parents=True)
+    (tmp_path / "models/sft/meta.json").write_text("{}")
+    cfg = make_cfg("experiment=speedrun", "tracking.enabled=false", "runtime.device=cpu")
+    assert cfg.rl.enabled is False and list(cfg.chat_eval.sources) == ["sft"] and cfg.export.source == "sft"
+    run_stage(rl, cfg)  # no tokenizer, no model: a skipped stage reads nothing
+    assert sorted(p.name for p in (tmp_path / "models/rl").iterdir()) == ["SKIPPED.txt"]
+    assert "rl.enabled is false" in json.loads((tmp_path / "metrics/rl.json").read_text())["skipped"]
+    assert (tmp_path / "metrics/rl/reward.csv").read_text() == "step,reward\n"
+    assert (tmp_path / "metrics/rl/pass_at_k.csv").read_text() == "step,pass_at_1\n"
+    assert "Skipped" in (tmp_path / "metrics/sections/rl.md").read_text()
+    assert paths.checkpoint_dir("auto") == paths.CHECKPOINTS["sft"]
