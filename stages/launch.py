@@ -43,8 +43,8 @@ import yaml
 
 # Set unless already set. PYTORCH_ALLOC_CONF: nanochat base_train.py/chat_sft.py @1ec0a34 (fragmentation
 # OOMs upstream without it); NCCL_DEBUG=WARN, PYTHONFAULTHANDLER=1: torchtitan multinode_trainer.slurm
-# (a hang or crash on one rank then prints why, in every rank's log). torchrun already sets
-# OMP_NUM_THREADS=1 per worker, as nanochat's speedrun.sh does for the whole run.
+# (a hang or crash on one rank then prints why, in every rank's log). torchrun sets OMP_NUM_THREADS=1
+# for each worker when a node runs several, as nanochat's speedrun.sh does for the whole run.
 ENV = {"PYTORCH_ALLOC_CONF": "expandable_segments:True", "NCCL_DEBUG": "WARN", "PYTHONFAULTHANDLER": "1"}
 DEFAULT_PORT = 29500
 ANNOUNCE_KEY = "nanopipe/stage"
