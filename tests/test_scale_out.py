@@ -160,11 +160,16 @@ class Follower:
         self.log.close()
 
 
+def _two_nodes(repo: Path) -> Follower:
+    """params.yaml for 2 nodes x 1 process without SLURM, and node 1's follower in the same checkout."""
+    _compose(repo, "runtime.nnodes=2", "runtime.launcher=torchrun", f"runtime.rdzv_endpoint=127.0.0.1:{_free_port()}")
+    return Follower(repo)
+
+
 @pytest.mark.slow
 def test_two_nodes_on_loopback_match_one_node_and_follow_only_what_runs(two_rank_reference):
     repo, ref = two_rank_reference
-    _compose(repo, "runtime.nnodes=2", "runtime.launcher=torchrun", f"runtime.rdzv_endpoint=127.0.0.1:{_free_port()}")
-    follower = Follower(repo)
+    follower = _two_nodes(repo)
     try:
         p = run(["dvc", "repro", "pretrain"], repo, timeout=600)
         assert "--nnodes=2 --nproc-per-node=1 --node-rank=0" in p.stderr
@@ -183,8 +188,7 @@ def test_two_nodes_on_loopback_match_one_node_and_follow_only_what_runs(two_rank
 @pytest.mark.slow
 def test_two_node_resume_after_kill9_is_bit_identical(two_rank_reference):
     repo, ref = two_rank_reference
-    _compose(repo, "runtime.nnodes=2", "runtime.launcher=torchrun", f"runtime.rdzv_endpoint=127.0.0.1:{_free_port()}")
-    follower = Follower(repo)
+    follower = _two_nodes(repo)
     try:
         proc = subprocess.Popen(["dvc", "repro", "-f", "-s", "pretrain"], cwd=repo, start_new_session=True,
                                 env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
