@@ -254,6 +254,10 @@ class ServeConfig:
     max_tokens: int = at_least(1)
     api_key: str = MISSING
     step: int = need("-1 (the final checkpoint) or a step the training run kept (>= 0)", lambda v: v >= -1)
+    cors_origins: list[str] = need("a list of origins (scheme://host[:port]) or ['*']",
+                                   lambda v: all(o == "*" or "://" in o for o in v))
+    model_aliases: list[str] = need("a list of non-empty model names", lambda v: all(a.strip() for a in v))
+    shutdown_timeout: float = positive()
 
 
 @dataclass

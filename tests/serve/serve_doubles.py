@@ -129,3 +129,18 @@ def byte_level_tokenizer():
     """The real nanopipe Tokenizer with no merges: 256 byte tokens + the 9 specials (vocab 265)."""
     from nanopipe.tokenizer import Tokenizer
     return Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+
+
+class SlowModel(MockModel):
+    """Uniform logits after `delay` seconds per forward, with a 4096-token context: a greedy reply
+    (token 0 forever) that takes minutes, to have a stream in flight for as long as a test needs."""
+
+    def __init__(self, delay=0.05, vocab_size=265):
+        super().__init__(vocab_size)
+        self.config.sequence_len = 4096
+        self.delay = delay
+
+    def forward(self, ids, kv_cache=None):
+        import time
+        time.sleep(self.delay)
+        return super().forward(ids, kv_cache)

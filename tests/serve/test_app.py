@@ -221,6 +221,23 @@ def test_chat_validation(scripted, body, status, needle):
     ({}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
     ({"messages": [{"content": "x"}]}, "messages[0].role"),
+    # issue 18: every field bounded by the schema
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**63}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": -2**63 - 1}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 1.5}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": "7"}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2.0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": "junk"}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}, "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": {"include_usage": "no"}},
+     "stream_options.include_usage"),
+    ({"messages": [{"role": 5, "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "m" * 257}, "model"),
 ])
 def test_openai_validation(scripted, body, param):
     r = httpx.post(f"{scripted}/v1/chat/completions", json=body)
@@ -228,6 +245,93 @@ def test_openai_validation(scripted, body, param):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert err["param"] == param and err["message"]
+
+
+def test_seeds_in_range_are_served(scripted):
+    for seed in (-2**63, -1, 0, 2**63 - 1):
+        r = httpx.post(f"{scripted}/v1/chat/completions", json={**chat(scripted), "seed": seed, "temperature": 1.0})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == REPLY
+
+
+def test_lone_surrogate_is_400_on_both_apis(scripted):
+    body = b'{"messages": [{"role": "user", "content": "a\\ud800"}]}'
+    for path, shape in (("/chat/completions", "detail"), ("/v1/chat/completions", "error")):
+        r = httpx.post(f"{scripted}{path}", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and shape in r.json() and "surrogate" in r.text, (path, r.text)
+
+
+@pytest.mark.parametrize("body,ctype,status,code", [
+    (b'{"messages": [{"role": "user", "content": "\xff"}]}', "application/json", 400, "invalid_encoding"),
+    (b'{"messages": []}', "text/plain", 415, "unsupported_media_type"),
+    (b" " * ((1 << 20) + 1), "application/json", 413, "request_too_large"),
+    (b"{not json", "application/json", 400, None),
+    (b'{"messages": ' + b"[" * 50000 + b"]" * 50000 + b"}", "application/json", 400, None),
+    (b'{"messages": [], "n": 1' + b"0" * 5000 + b"}", "application/json", 400, None),
+], ids=["bad-utf8", "text-plain", "too-large", "bad-json", "nested-too-deeply", "5001-digit-int"])
+def test_openai_body_rejections_have_openai_shape(scripted, body, ctype, status, code):
+    r = httpx.post(f"{scripted}/v1/chat/completions", content=body, headers={"content-type": ctype})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["code"] == code and err["message"]
+
+
+def test_openai_shape_for_unknown_routes_and_chunked_bodies(scripted):
+    r = httpx.post(f"{scripted}/v1/completions", json={})
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(f"{scripted}/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+    def chunks():  # no Content-Length: the limit is counted while reading
+        for _ in range(20):
+            yield b" " * 65536
+    r = httpx.post(f"{scripted}/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_model_is_404_model_not_found(scripted):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{scripted}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hello"}])
+    assert e.value.body["code"] == "model_not_found" and "`gpt-4o`" in e.value.body["message"]
+    assert e.value.body["param"] == "model"
+    # the served name and no name at all keep working
+    assert client.chat.completions.create(model="nanopipe", messages=[{"role": "user", "content": "x"}]).choices
+    assert httpx.post(f"{scripted}/v1/chat/completions", json=chat(scripted)).status_code == 200
+
+
+def test_model_aliases():
+    from fastapi.testclient import TestClient
+    app = create_app(scripted_reply_model(REPLY), ChatByteTokenizer(), serve_cfg(model_aliases="[gpt-4o-mini,mine]"))
+    with TestClient(app) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["nanopipe", "gpt-4o-mini", "mine"]
+        for name in ("nanopipe", "gpt-4o-mini", "mine"):
+            r = c.post("/v1/chat/completions", json={**chat(""), "model": name})
+            assert r.status_code == 200 and r.json()["model"] == name
+        assert c.post("/v1/chat/completions", json={**chat(""), "model": "other"}).status_code == 404
+
+
+def test_cors_off_by_default_and_never_with_credentials(scripted):
+    evil = {"Origin": "https://evil.example"}
+    r = httpx.get(f"{scripted}/v1/models", headers=evil)
+    assert "access-control-allow-origin" not in r.headers and "access-control-allow-credentials" not in r.headers
+    pre = httpx.options(f"{scripted}/v1/chat/completions",
+                        headers={**evil, "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in pre.headers
+    from fastapi.testclient import TestClient
+    for origins, allowed in (("[https://chat.example]", "https://chat.example"), ("['*']", "*")):
+        with TestClient(create_app(scripted_reply_model(REPLY), ChatByteTokenizer(),
+                                   serve_cfg(cors_origins=origins))) as c:
+            ok = c.get("/v1/models", headers={"Origin": "https://chat.example"})
+            assert ok.headers["access-control-allow-origin"] == allowed
+            assert "access-control-allow-credentials" not in ok.headers
+            pre = c.options("/v1/chat/completions", headers={"Origin": "https://chat.example",
+                                                             "Access-Control-Request-Method": "POST",
+                                                             "Access-Control-Request-Headers": "authorization"})
+            assert pre.status_code == 200 and "access-control-allow-credentials" not in pre.headers
+            if allowed != "*":
+                assert "access-control-allow-origin" not in c.get("/v1/models", headers=evil).headers
 
 
 def test_invalid_json_is_4xx(scripted):
@@ -369,7 +473,8 @@ def test_config_from_omegaconf_and_worker_count():
 
     from nanopipe.serving.app import worker_models
     cfg = OmegaConf.create({"host": "127.0.0.1", "port": 8000, "workers": 0, "max_batch": 3, "temperature": 0.0,
-                            "top_k": 50, "max_tokens": 4, "api_key": "", "source": "auto"})
+                            "top_k": 50, "max_tokens": 4, "api_key": "", "source": "auto", "cors_origins": [],
+                            "model_aliases": [], "shutdown_timeout": 5})
     with TestClient(create_app(scripted_reply_model(REPLY), ChatByteTokenizer(), cfg)) as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
         assert r.json()["choices"][0]["message"]["content"] == "Hi \ufffd"  # 4 tokens: "Hi " + half an é

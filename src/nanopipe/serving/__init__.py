@@ -5,7 +5,8 @@ app.py            create_app (the FastAPI factory: scheduler, per-app state, COR
 routes_chat.py    the chat UI, its logo and nanochat's SSE API (POST /chat/completions)
 routes_openai.py  the OpenAI-compatible API (/v1/chat/completions, /v1/models)
 routes_ops.py     /health and /stats
-schemas.py        request models, abuse limits and validation, prompt rendering
+schemas.py        request models (every field bounded), abuse limits and validation, prompt rendering
+guard.py          the body guard (JSON, UTF-8, size) and the error handlers of last resort
 state.py          ServerState (scheduler, tokenizer, serve config, API key) and its FastAPI dependency
 streaming.py      decode-thread events into the event loop, UTF-8-safe text deltas, SSE framing
 scheduler.py      continuous batching: a decode thread per model copy, many requests per step

@@ -12,17 +12,26 @@ holds up the others).
     GET  /stats                  workers, queue depth, active sequences, tokens served
 
 Out-of-range parameters are rejected (400 naming the field), never clamped; a malformed
-body is a 422 (nanochat API) or a 400 in OpenAI's error shape (/v1). Binds 127.0.0.1 unless
-told otherwise; with an API key (config `api_key` or $NANOPIPE_API_KEY) every API route
-wants `Authorization: Bearer <key>` (the UI and /health stay open; the UI's /key command sets it).
+body is a 422 (nanochat API) or a 400 in OpenAI's error shape (/v1); a body that is too large,
+not JSON or not UTF-8 is refused before parsing (413/415/400, guard.py). Every rejection under
+/v1 has OpenAI's error shape. Binds 127.0.0.1 unless told otherwise; with an API key (config
+`api_key` or $NANOPIPE_API_KEY) every API route wants `Authorization: Bearer <key>` (the UI
+and /health stay open; the UI's /key command sets it).
+
+Isolation: one request's failure (refused, or failing while admitted or decoded) ends that
+request only; the decode workers are supervised (scheduler.py) and /health answers 503
+"unhealthy" once none is alive. CORS is off unless `serve.cors_origins` lists origins (never
+with credentials). Shutdown (Ctrl-C / SIGTERM) gives requests in flight `serve.shutdown_timeout`
+seconds, then cuts them and stops the workers (at most STOP_JOIN_S more): it always ends.
 
 This module holds the factory (create_app: the scheduler over one model copy per GPU, the
-per-app ServerState, CORS, the error handlers, the routers) and the ways to run it: serve
-(blocking, uvicorn) and run_in_thread (tests, benchmarks). MODEL_NAME, InvalidRequest and
-render_prompt are re-exported from the modules that hold them.
+per-app ServerState, the body guard, CORS, the error handlers, the routers) and the ways to
+run it: serve (blocking, uvicorn) and run_in_thread (tests, benchmarks). MODEL_NAME,
+InvalidRequest and render_prompt are re-exported from the modules that hold them.
 """
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -33,14 +42,15 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException
 
 from nanopipe.config import bad_value
 from nanopipe.runtime import compute_dtype
 from nanopipe.serving import routes_chat, routes_openai, routes_ops
-from nanopipe.serving.routes_openai import MODEL_NAME, openai_error
-from nanopipe.serving.scheduler import Scheduler, replicate_model
+from nanopipe.serving.guard import BodyGuard, is_openai_path, on_http_error, on_unexpected
+from nanopipe.serving.scheduler import STOP_JOIN_S, Scheduler, replicate_model
 from nanopipe.serving.schemas import InvalidRequest, render_prompt
-from nanopipe.serving.state import ServerState, detail_error
+from nanopipe.serving.state import MODEL_NAME, ServerState, detail_error, openai_error
 
 __all__ = ["MODEL_NAME", "InvalidRequest", "create_app", "render_prompt", "run_in_thread", "serve", "worker_models"]
 
@@ -73,25 +83,32 @@ async def lifespan(app):
     await asyncio.to_thread(scheduler.start)
     logger.info("ready: %s", ", ".join(f"worker {w.id} on {w.device} ({w.mode})" for w in scheduler.workers))
     yield
-    await asyncio.to_thread(scheduler.shutdown)
-
-
-def _openai_path(request: Request):
-    return request.url.path.startswith("/v1/")
+    await asyncio.to_thread(scheduler.shutdown, STOP_JOIN_S)
 
 
 async def on_schema_error(request: Request, exc: RequestValidationError):
     """A malformed body: FastAPI's 422 (loc names the field), or OpenAI's 400 under /v1."""
-    if _openai_path(request):
+    if is_openai_path(request.url.path):
         return routes_openai.schema_error(exc)
     return await request_validation_exception_handler(request, exc)
 
 
 async def on_invalid_request(request: Request, exc: InvalidRequest):
     """A refused request in the shape of the API that was called."""
-    if _openai_path(request):
-        return openai_error(exc.status, exc.message, exc.param)
+    if is_openai_path(request.url.path):
+        return openai_error(exc.status, exc.message, exc.param, code=exc.code)
     return detail_error(exc.status, exc.message)
+
+
+def add_cors(app, origins):
+    """CORS for the listed origins only ([] = none, the default; "*" = any): GET/POST with the
+    Authorization and Content-Type headers, never with credentials (cookies): the API key is a
+    bearer header, and a wildcard that echoes origins with credentials would let any site use it."""
+    origins = list(origins)
+    if not origins:
+        return
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
+                       allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
 
 def create_app(model, tokenizer, cfg, scheduler=None, dtype=None):
@@ -108,10 +125,12 @@ def create_app(model, tokenizer, cfg, scheduler=None, dtype=None):
     app = FastAPI(title="nanopipe chat", lifespan=lifespan)
     api_key = cfg.api_key or os.environ.get("NANOPIPE_API_KEY", "")
     app.state.server = ServerState(scheduler, tokenizer, cfg, api_key)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
-                       allow_headers=["*"])
+    app.add_middleware(BodyGuard)
+    add_cors(app, cfg.cors_origins)  # outermost: its headers go on the guard's refusals too
     app.add_exception_handler(RequestValidationError, on_schema_error)
     app.add_exception_handler(InvalidRequest, on_invalid_request)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
     for routes in (routes_chat, routes_openai, routes_ops):
         app.include_router(routes.router)
     return app
@@ -129,14 +148,21 @@ def serve(model, tokenizer, cfg, dtype=None):
           f"max tokens {cfg.max_tokens}")
     print(f"Open http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}/ "
           f"(OpenAI API at /v1, base_url http://{host}:{port}/v1)")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # Ctrl-C / SIGTERM: stop accepting, give the requests in flight shutdown_timeout seconds, then
+    # cancel them (their slots are freed) and stop the decode workers. A second Ctrl-C cuts at once.
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=_grace(cfg))
+
+
+def _grace(cfg):
+    return max(1, math.ceil(float(cfg.shutdown_timeout)))  # uvicorn takes whole seconds
 
 
 def run_in_thread(app, host="127.0.0.1", port=0):
     """Start uvicorn on a background thread (tests, benchmarks). Returns (server, thread, port);
     stop with `server.should_exit = True; thread.join()`."""
     import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=_grace(app.state.server.cfg)))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.time() + 120

@@ -63,5 +63,9 @@ async def chat_stream(state: ServerState, gen: Generation):
                         out.append(sse({"error": value}))
                 if out:
                     yield "".join(out)
+    except Exception as e:  # the headers are sent: report it in the stream (this request only)
+        logger.exception("chat stream: generation failed")
+        gen.finish = "error"
+        yield sse({"error": f"generation failed: {type(e).__name__}: {e}"})
     finally:
         gen.log()

@@ -1,10 +1,13 @@
 """Operations routes.
 
-    GET /health  liveness + readiness (open even with an API key)
+    GET /health  liveness + readiness (open even with an API key): 200 {"status": "ok", "ready": ...};
+                 503 {"status": "unhealthy", ...} once the workers started and none is alive any more
+                 (each decode worker restarts its own loop after a failure; see scheduler.py)
     GET /stats   workers, queue depth, active sequences, tokens served (the scheduler's stats;
                  {"detail": ...} 401 without the API key)
 """
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from nanopipe.serving.state import UNAUTHORIZED, StateDep, detail_error
 
@@ -15,8 +18,13 @@ router = APIRouter()
 async def health(state: StateDep):
     scheduler = state.scheduler
     stats = scheduler.stats() if scheduler.started else None
-    return {"status": "ok", "ready": bool(scheduler.started), "num_gpus": len(scheduler.workers),
+    body = {"status": "ok", "ready": bool(scheduler.started), "num_gpus": len(scheduler.workers),
             "available_workers": stats["available_workers"] if stats else 0}
+    if scheduler.started and not scheduler.healthy:
+        dead = [f"worker {w.id}: {w.dead or 'thread exited'}" for w in scheduler.workers if not w.alive]
+        return JSONResponse(status_code=503, content={**body, "status": "unhealthy", "ready": False,
+                                                      "available_workers": 0, "problems": dead})
+    return body
 
 
 @router.get("/stats")

@@ -25,6 +25,16 @@ never allowed to block it: the server wraps an asyncio queue, `generate` a queue
 Events: ("token", id, mask) for each emitted token (never the terminator), then exactly
 one ("done", finish_reason) with finish_reason "stop" | "length" | "cancelled", or
 ("error", message).
+
+Isolation: a failure while admitting one request (seeding its generator, its prefill, its
+first sample) or while sampling / stepping the tool state / emitting one row of a step ends
+that request with an "error" event and nothing else. Only a failure of the batched forward
+itself, which all active rows share, fails every row of that step. Supervision: the decode
+thread's loop runs under a supervisor in the same thread; anything that escapes the loop
+fails the requests the worker held, the decoder is rebuilt and the loop resumes (at most
+MAX_RESTARTS times in RESTART_WINDOW_S seconds). After that, or if the thread is gone, the
+worker is dead: `alive` is False, the scheduler stops routing to it, and /health reports the
+server unhealthy (503) once no worker is alive.
 """
 import copy
 import itertools
@@ -44,6 +54,19 @@ from nanopipe.model.kv_cache import KVCache
 from nanopipe.inference.engine import RowState, ToolTokens, kv_cache_dtype, sample_next_token, step_row
 
 logger = logging.getLogger(__name__)
+
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
+STOP_JOIN_S = 10.0  # how long shutdown waits for each decode thread
+TORCH_MIN_SEED, TORCH_MAX_SEED = -2**63, 2**64 - 1  # what torch.Generator.manual_seed takes (negative: 2**64 + seed)
+
+
+def seeded_generator(device, seed):
+    """A torch.Generator on `device` seeded with `seed` (checked first: an int torch can take)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (TORCH_MIN_SEED <= seed <= TORCH_MAX_SEED):
+        raise ValueError(f"seed must be an integer in [{TORCH_MIN_SEED}, {TORCH_MAX_SEED}], got {seed!r}")
+    rng = torch.Generator(device=device)
+    rng.manual_seed(seed)
+    return rng
 
 
 # -----------------------------------------------------------------------------
@@ -242,8 +265,10 @@ class Worker:
         self.decoder = None
         self.mode = None
         self._start_error = None
-        self.stats = dict(tokens_generated=0, requests_completed=0, requests_cancelled=0, steps=0,
-                          max_active_seen=0, rows_decoded=0)
+        self.dead = None  # why the worker gave up (restarts exhausted), else None
+        self._restarts = deque()  # when the loop was restarted (within RESTART_WINDOW_S)
+        self.stats = dict(tokens_generated=0, requests_completed=0, requests_cancelled=0, requests_failed=0,
+                          steps=0, max_active_seen=0, rows_decoded=0, restarts=0)
 
     # --- public (any thread)
     def start(self):
@@ -253,16 +278,26 @@ class Worker:
         if self.mode is None:
             raise RuntimeError(f"decode worker {self.id} on {self.device} failed to start: {self._start_error}")
 
-    def stop(self):
+    def stop(self, timeout=STOP_JOIN_S):
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def request_stop(self):
         with self._wake:
             self._stop = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+
+    @property
+    def alive(self):
+        """The decode thread is running its loop (False before start, after stop, or once dead)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop and self.dead is None
 
     def submit(self, request):
         request.worker_id = self.id
         with self._wake:
+            if self._stop or self.dead is not None:
+                raise RuntimeError(f"decode worker {self.id} is not running")
             self._pending.append(request)
             self._wake.notify()
 
@@ -274,7 +309,8 @@ class Worker:
 
     def snapshot(self):
         return dict(gpu_id=self.id, device=str(self.device), mode=self.mode, max_batch=self.max_batch,
-                    context=self.capacity, active=self.active_count(), queued=len(self._pending), **self.stats)
+                    context=self.capacity, active=self.active_count(), queued=len(self._pending),
+                    alive=self.alive, dead=self.dead, **self.stats)
 
     # --- decode thread
     def _autocast(self):
@@ -295,24 +331,80 @@ class Worker:
             self._ready.set()
             return
         self._ready.set()
-        with torch.inference_mode(), self._autocast():
-            while True:
-                with self._wake:
-                    while not self._stop and not self._pending and not self._active:
-                        self._wake.wait()
-                    if self._stop:
-                        break
+        try:
+            self._supervise()
+        finally:
+            with self._wake:
+                left = list(self._active) + list(self._pending)
+                self._active, self._pending = [], deque()
+            for req in left:
+                self._finish(req, "done", "cancelled")
+
+    def _supervise(self):
+        """Run the decode loop; if anything escapes it, fail what the worker held and restart it
+        (with a fresh decoder), up to MAX_RESTARTS in RESTART_WINDOW_S; then the worker is dead."""
+        while True:
+            try:
+                with torch.inference_mode(), self._autocast():
+                    self._loop()
+                return  # stopped
+            except BaseException as e:
+                logger.exception("decode worker %d: decode loop failed", self.id)
+                reason = f"{type(e).__name__}: {e}"
+                self._fail_all(f"decode worker {self.id} failed: {reason}")
+                now = time.monotonic()
+                self._restarts.append(now)
+                while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
+                    self._restarts.popleft()
+                if len(self._restarts) > MAX_RESTARTS:
+                    self.dead = f"{len(self._restarts)} failures in {RESTART_WINDOW_S:.0f}s, the last: {reason}"
+                    logger.error("decode worker %d: giving up (%s)", self.id, self.dead)
+                    self._fail_all(f"decode worker {self.id} is dead: {reason}")
+                    return
+                self.stats["restarts"] += 1
                 try:
-                    self._admit()
-                    if self._active:
-                        self._step()
-                except Exception as e:  # a device error fails the requests in flight, not the server
+                    with torch.inference_mode(), self._autocast():
+                        self._setup()
+                except Exception as e2:
+                    self.dead = f"restart failed: {type(e2).__name__}: {e2}"
+                    logger.exception("decode worker %d: restart failed", self.id)
+                    self._fail_all(f"decode worker {self.id} is dead: {self.dead}")
+                    return
+                logger.warning("decode worker %d restarted (%d in the last %.0fs)", self.id, len(self._restarts),
+                               RESTART_WINDOW_S)
+
+    def _fail_all(self, message):
+        with self._wake:
+            held = list(self._active) + (list(self._pending) if self.dead is not None else [])
+            self._active = []
+            if self.dead is not None:
+                self._pending = deque()
+        for req in held:
+            try:
+                self._finish(req, "error", message)
+            except Exception:  # never let one consumer stop the others from hearing about it
+                logger.exception("request %d: could not report the failure", req.id)
+
+    def _wait_for_work(self):
+        """Block until there is something to do; False once asked to stop."""
+        with self._wake:
+            while not self._stop and not self._pending and not self._active:
+                self._wake.wait()
+            return not self._stop
+
+    def _loop(self):
+        while self._wait_for_work():
+            self._admit()
+            if self._active:
+                try:
+                    logits = self._forward()
+                except Exception as e:  # the shared batched forward: every active row fails, not the server
                     logger.exception("decode worker %d: step failed", self.id)
                     for req in self._active:
                         self._finish(req, "error", f"{type(e).__name__}: {e}")
                     self._active = []
-        for req in list(self._active) + list(self._pending):
-            self._finish(req, "done", "cancelled")
+                    continue
+                self._sample_rows(logits)
 
     def _setup(self):
         dtype = kv_cache_dtype(self.device, self.model)
@@ -341,20 +433,18 @@ class Worker:
                 self._finish(req, "done", "cancelled")
                 continue
             slot = len(self._active)
-            req.rng = torch.Generator(device=self.device)
-            req.rng.manual_seed(req.seed)
-            try:
+            try:  # anything about this one request that fails ends this request only
+                req.rng = seeded_generator(self.device, req.seed)
                 logits = self.decoder.prefill(slot, req.prompt)
+                req.pos = len(req.prompt)
+                req.limit = min(req.max_tokens, self.capacity - req.pos)
+                self._advance(req, logits.unsqueeze(0))
             except Exception as e:
-                logger.exception("decode worker %d: prefill failed", self.id)
+                logger.exception("decode worker %d: admitting request %d failed", self.id, req.id)
                 self._finish(req, "error", f"{type(e).__name__}: {e}")
                 continue
-            req.pos = len(req.prompt)
-            req.limit = min(req.max_tokens, self.capacity - req.pos)
-            self._active.append(req)
-            self._advance(req, logits.unsqueeze(0))
-            if req.finished:
-                self._active.pop()
+            if not req.finished:
+                self._active.append(req)  # its K/V sit in `slot`, the next free one
             self.stats["max_active_seen"] = max(self.stats["max_active_seen"], len(self._active))
 
     def _advance(self, req, logits):
@@ -373,19 +463,27 @@ class Worker:
         if req.num_generated >= req.limit:
             self._finish(req, "done", "length")
 
-    def _step(self):
+    def _forward(self):
         active = self._active
         ids = torch.tensor([r.next_input for r in active], dtype=torch.long, device=self.device)
         positions = torch.tensor([r.pos for r in active], dtype=torch.long, device=self.device)
         logits = self.decoder.step(ids, positions)
         self.stats["steps"] += 1
         self.stats["rows_decoded"] += len(active)
+        return logits
+
+    def _sample_rows(self, logits):
+        active = self._active
         for i, req in enumerate(active):
             req.pos += 1
             if req.cancelled:
                 self._finish(req, "done", "cancelled")
-            else:
+                continue
+            try:  # one row's sampling / tool step / emit failing ends that row only
                 self._advance(req, logits[i:i + 1])
+            except Exception as e:
+                logger.exception("decode worker %d: request %d failed", self.id, req.id)
+                self._finish(req, "error", f"{type(e).__name__}: {e}")
         # retire finished rows and keep the survivors in slots 0..n-1 (a survivor only moves down)
         survivors = [r for r in active if not r.finished]
         for slot, req in enumerate(survivors):
@@ -400,6 +498,8 @@ class Worker:
         req.finished = True
         if kind == "done" and detail == "cancelled":
             self.stats["requests_cancelled"] += 1
+        elif kind == "error":
+            self.stats["requests_failed"] += 1
         else:
             self.stats["requests_completed"] += 1
         self._send(req, (kind, detail))
@@ -434,10 +534,22 @@ class Scheduler:
             w.start()
         self.started = True
 
-    def shutdown(self):
+    def shutdown(self, timeout=STOP_JOIN_S):
+        """Stop every worker (their requests end "cancelled"); waits at most `timeout` seconds in all."""
         for w in self.workers:
-            w.stop()
+            w.request_stop()
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            w.stop(timeout=max(0.0, deadline - time.monotonic()))
         self.started = False
+
+    def alive_workers(self):
+        return [w for w in self.workers if w.alive]
+
+    @property
+    def healthy(self):
+        """Started and at least one decode worker alive."""
+        return self.started and bool(self.alive_workers())
 
     def submit(self, prompt, emit, max_tokens, temperature=1.0, top_k=None, seed=None):
         """Queue a generation; returns its Request (call .cancel() to abandon it)."""
@@ -452,8 +564,13 @@ class Scheduler:
         if temperature < 0:
             raise ValueError(f"temperature must be non-negative, got {temperature}")
         seed = random.randint(0, 2**31 - 1) if seed is None else seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not (TORCH_MIN_SEED <= seed <= TORCH_MAX_SEED):
+            raise ValueError(f"seed must be an integer in [{TORCH_MIN_SEED}, {TORCH_MAX_SEED}], got {seed!r}")
+        workers = self.alive_workers()
+        if not workers:
+            raise RuntimeError("no decode worker is running")
         req = Request(prompt, max_tokens, temperature, top_k, seed, emit)
-        min(self.workers, key=lambda w: w.load()).submit(req)
+        min(workers, key=lambda w: w.load()).submit(req)
         return req
 
     def generate(self, prompt, max_tokens, temperature=1.0, top_k=None, seed=None, timeout=None):
@@ -484,6 +601,8 @@ class Scheduler:
             queue_depth=sum(w["queued"] for w in workers),
             tokens_served=sum(w["tokens_generated"] for w in workers),
             requests_completed=sum(w["requests_completed"] for w in workers),
+            requests_failed=sum(w["requests_failed"] for w in workers),
+            alive_workers=sum(1 for w in workers if w["alive"]),
             max_batch_seen=max((w["max_active_seen"] for w in workers), default=0),
             workers=workers,
         )

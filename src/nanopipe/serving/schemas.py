@@ -6,10 +6,16 @@ that enforce them, in nanochat's order; OpenAI messages folded into nanochat's (
 conversation; and the chat prompt rendering. Out-of-range values are rejected, never clamped:
 every failed check raises InvalidRequest naming the offending field, which the app renders in
 the shape of the API that was called.
-"""
-from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict
+Every field is bounded by the schema: its type is strict (no "12" for an int, no 1.5 or 3.0
+for a seed) and, where the sampler or the server has a limit, its range is checked. Values a
+field's type cannot hold fail schema validation (FastAPI's 422 on nanochat's API, a 400 naming
+the field on /v1); values of the right type outside their range fail the checks below (400).
+The body itself is bounded by MAX_BODY_BYTES (413) before any of this runs (guard.py).
+"""
+from typing import Annotated, Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 # Abuse limits (nanochat's); violations are rejected, not clamped.
 MAX_MESSAGES_PER_REQUEST = 500
@@ -18,52 +24,77 @@ MAX_TOTAL_CONVERSATION_LENGTH = 32000
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
 MIN_TOP_K, MAX_TOP_K = 0, 200  # 0 = full vocabulary
 MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
+# The sampling seed: a signed 64-bit integer, as vllm's OpenAI server takes it. torch's
+# Generator.manual_seed accepts [-2**63, 2**64 - 1] (a negative seed s is the same as 2**64 + s)
+# and raises "Overflow when unpacking long long" outside it; this range is a subset on which the
+# mapping to torch's seeds is one-to-one.
+MIN_SEED, MAX_SEED = -2**63, 2**63 - 1
+# A whole request body: the conversation limits above need at most ~0.4 MB of JSON
+# (32000 characters at 12 bytes each when \u-escaped, plus framing); anything larger is a 413.
+MAX_BODY_BYTES = 1 << 20
+MAX_MODEL_NAME_LENGTH = 256
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit; stop sequences are refused anyway (see validate_openai)
+
+Int = Optional[StrictInt]
+Float = Optional[Union[StrictFloat, StrictInt]]  # a JSON number; NaN/inf fail the range checks
 
 # -----------------------------------------------------------------------------
 # Request schemas
 
 
 class ChatMessage(BaseModel):
-    role: str
-    content: str
+    role: StrictStr
+    content: StrictStr
 
 
 class ChatRequest(BaseModel):
     messages: list[ChatMessage]
-    temperature: Optional[float] = None
-    max_tokens: Optional[int] = None
-    top_k: Optional[int] = None
+    temperature: Float = None
+    max_tokens: Int = None
+    top_k: Int = None
 
 
 class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # tool_calls, ...: ignored
+    role: StrictStr
+    content: Union[StrictStr, list[dict[str, Any]], None] = None
+    name: Optional[StrictStr] = None
+
+
+class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: Union[str, list[dict[str, Any]], None] = None
-    name: Optional[str] = None
+    include_usage: Optional[StrictBool] = None
 
 
 class OpenAIChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # logprobs, user, ... are accepted and ignored
-    model: Optional[str] = None
+    model_config = ConfigDict(extra="allow")  # user, metadata, ... are accepted and ignored
+    model: Optional[Annotated[StrictStr, Field(max_length=MAX_MODEL_NAME_LENGTH)]] = None
     messages: list[OpenAIMessage]
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None  # extension (nanochat's sampler)
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    n: Optional[int] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[dict[str, Any]] = None
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    temperature: Float = None
+    top_p: Float = None
+    top_k: Int = None  # extension (nanochat's sampler)
+    max_tokens: Int = None
+    max_completion_tokens: Int = None
+    n: Int = None
+    stream: Optional[StrictBool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP_SEQUENCES)], None] = None
+    seed: Int = None
+    # OpenAI's fields nanochat's sampler cannot honour: typed and range-checked, refused unless neutral
+    logit_bias: Optional[dict[StrictStr, Union[StrictFloat, StrictInt]]] = None
+    presence_penalty: Float = None
+    frequency_penalty: Float = None
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Int = None
 
 
 class InvalidRequest(Exception):
-    """A request the server refuses: `message` for the client, `param` the offending field, HTTP `status`."""
+    """A request the server refuses: `message` for the client, `param` the offending field, HTTP
+    `status`, OpenAI's error `code` (model_not_found, ...) if any."""
 
-    def __init__(self, message, param=None, status=400):
+    def __init__(self, message, param=None, status=400, code=None):
         super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+        self.message, self.param, self.status, self.code = message, param, status, code
 
 # -----------------------------------------------------------------------------
 # Validation (checks and messages in nanochat's order)
@@ -82,6 +113,9 @@ def validate_conversation(messages, roles=("user", "assistant"), field="messages
         if len(content) > MAX_MESSAGE_LENGTH:
             raise InvalidRequest(f"Message {i} is too long. Maximum {MAX_MESSAGE_LENGTH} characters allowed per message",
                                  f"{field}[{i}].content")
+        if not _encodable(content):  # JSON's "\ud800" escapes a lone surrogate, which no tokenizer can encode
+            raise InvalidRequest(f"Message {i} is not valid Unicode (it holds a lone UTF-16 surrogate)",
+                                 f"{field}[{i}].content")
         total += len(content)
     if total > MAX_TOTAL_CONVERSATION_LENGTH:
         raise InvalidRequest(f"Total conversation is too long. Maximum {MAX_TOTAL_CONVERSATION_LENGTH} characters allowed", field)
@@ -89,6 +123,14 @@ def validate_conversation(messages, roles=("user", "assistant"), field="messages
         if role not in roles:
             allowed = ", ".join(f"'{r}'" for r in roles)
             raise InvalidRequest(f"Message {i} has invalid role. Must be one of {allowed}", f"{field}[{i}].role")
+
+
+def _encodable(text):
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def validate_sampling(temperature, top_k, max_tokens, max_tokens_field="max_tokens"):
@@ -140,19 +182,32 @@ def openai_conversation(req: OpenAIChatRequest):
 
 def validate_openai(body: OpenAIChatRequest):
     """OpenAI's request -> (conversation, max_tokens or None), every field checked; rejects what
-    nanochat's sampler cannot do (n > 1, nucleus sampling, stop sequences)."""
+    nanochat's sampler cannot do (n > 1, nucleus sampling, stop sequences, logit bias,
+    penalties, logprobs) and seeds outside [MIN_SEED, MAX_SEED]."""
     conversation = openai_conversation(body)
     if body.max_completion_tokens is not None:
         max_tokens, max_field = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, max_field = body.max_tokens, "max_tokens"
     validate_sampling(body.temperature, body.top_k, max_tokens, max_field)
+    if body.seed is not None and not (MIN_SEED <= body.seed <= MAX_SEED):
+        raise InvalidRequest(f"seed must be an integer between {MIN_SEED} and {MAX_SEED}", "seed")
     if body.n not in (None, 1):
         raise InvalidRequest("n must be 1 (one choice per request)", "n")
     if body.top_p is not None and body.top_p != 1:
         raise InvalidRequest("top_p is not supported (use top_k); leave it unset or 1", "top_p")
     if body.stop:
         raise InvalidRequest("stop sequences are not supported; the model stops at <|assistant_end|>", "stop")
+    if body.logit_bias:
+        raise InvalidRequest("logit_bias is not supported; leave it unset or empty", "logit_bias")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value is not None and value != 0:
+            raise InvalidRequest(f"{name} is not supported; leave it unset or 0", name)
+    if body.logprobs:
+        raise InvalidRequest("logprobs are not supported; leave logprobs unset or false", "logprobs")
+    if body.top_logprobs:
+        raise InvalidRequest("logprobs are not supported; leave top_logprobs unset or 0", "top_logprobs")
     return conversation, max_tokens
 
 

@@ -5,7 +5,11 @@ section (the sampling defaults) and the API key. It answers the checks every gen
 makes (auth, readiness, context length) and turns a request's sampling parameters into a
 Generation. create_app stores it on app.state.server; a route takes it as `state: StateDep`
 (Annotated[ServerState, Depends(server_state)]). detail_error is the error shape of nanochat's
-API (and of the routes outside /v1).
+API (and of the routes outside /v1), openai_error OpenAI's.
+
+Model names: /v1 serves one model, MODEL_NAME, also known by the names in `serve.model_aliases`;
+a request that names any other model is refused as OpenAI does (404, code model_not_found),
+one that names none gets the served model.
 """
 import secrets
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ from nanopipe.serving.schemas import InvalidRequest, render_prompt
 from nanopipe.serving.streaming import Generation
 
 UNAUTHORIZED = "Invalid or missing API key"
+MODEL_NAME = "nanopipe"
 
 
 @dataclass
@@ -35,9 +40,23 @@ class ServerState:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
 
+    @property
+    def model_names(self):
+        """The names /v1 answers to: MODEL_NAME first, then the configured aliases."""
+        return [MODEL_NAME] + [a for a in self.cfg.model_aliases if a != MODEL_NAME]
+
+    def check_model(self, name):
+        """A request's `model`: None or one of model_names; anything else is a 404 model_not_found."""
+        if name is not None and name not in self.model_names:
+            raise InvalidRequest(f"The model `{name}` does not exist or you do not have access to it. "
+                                 f"This server serves: {', '.join(self.model_names)}", "model", status=404,
+                                 code="model_not_found")
+
     def check_ready(self):
         if not self.scheduler.started:
             raise InvalidRequest("the model is still loading", status=503)
+        if not self.scheduler.healthy:
+            raise InvalidRequest("no decode worker is running (see /health)", status=503)
 
     def prompt(self, conversation, field="messages"):
         """The conversation's prompt tokens; it must leave room in the model's context for a reply."""
@@ -63,6 +82,17 @@ def server_state(request: Request) -> ServerState:
 StateDep = Annotated[ServerState, Depends(server_state)]
 
 
+def _printable(text):
+    """`text` safe to encode as UTF-8 (a lone surrogate a client sent becomes \\udxxx)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(text, str) else text
+
+
 def detail_error(status, message):
     """nanochat's error body: {"detail": message}."""
-    return JSONResponse(status_code=status, content={"detail": message})
+    return JSONResponse(status_code=status, content={"detail": _printable(message)})
+
+
+def openai_error(status, message, param=None, type_="invalid_request_error", code=None):
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    return JSONResponse(status_code=status, content={"error": {"message": _printable(message), "type": type_,
+                                                               "param": _printable(param), "code": code}})
