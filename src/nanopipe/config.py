@@ -240,6 +240,7 @@ class ChatEvalConfig:
     top_k: int = at_least(0)
     dataset_dir: str = MISSING
     step: int = need("-1 (the final checkpoint) or a step the training run kept (>= 0)", lambda v: v >= -1)
+    sandbox: str = one_of("auto", "bwrap", "in_process")
 
 
 @dataclass

@@ -1,21 +1,33 @@
-"""Sandboxed execution of untrusted, model-written Python (HumanEval grading).
+"""Execution of untrusted, model-written Python (HumanEval grading) in a sandbox.
 
     result = execute_code("print(1)", timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024)
-    result.success, result.stdout  # True, "1\\n"
+    result.success, result.stdout, result.isolation  # True, "1\\n", "bwrap"
 
-Each program runs in a fresh interpreter (`python -I -S` on this very file, which imports only
-the standard library; the program can import the standard library only) in its own session,
-in a fresh temp dir, with a minimal environment, and:
-- a wall-clock limit: SIGALRM inside the child raises TimeoutException; from outside, the whole
-  process group is SIGKILLed at timeout + 1 s whatever the child does;
-- RLIMIT_AS/DATA/STACK (and FSIZE) = maximum_memory_bytes (not on macOS): allocation fails with
-  MemoryError, reported as memory_exceeded;
-- nanochat's reliability guard (destructive os/shutil functions, subprocess, exit/quit/help
-  disabled, some imports blocked), plus: no fork/exec/spawn/kill through posix either, no
-  sockets, no file writes outside the temp dir.
-This stops accidents (deleted files, fork bombs, hangs, runaway memory, stray connections) and
-keeps the caller's process unharmed. It is NOT a security boundary: Python-level guards can be
-undone by a determined program (ctypes, introspection); run hostile code in a VM or container.
+Two layers; `isolation` says which outer one a call gets:
+- "bwrap" (the default, "auto"): the OS is the boundary. The program runs under bubblewrap in
+  its own PID, network, IPC, UTS and mount namespaces: the system (/usr and the interpreter's
+  prefix) read-only, nothing else of the host's file system visible, a private size-capped
+  tmpfs /tmp as its work dir, an environment of PATH/HOME/LANG only, no network at all (its own
+  empty network namespace, loopback included), no view of any process outside (its own /proc),
+  a new session, and --die-with-parent: when the run ends or is killed, the kernel kills every
+  process left in the namespace, whatever it did (setsid, double fork). Inside, before the
+  program runs: RLIMIT_AS/DATA (memory), RLIMIT_CPU, RLIMIT_NPROC (processes and threads),
+  RLIMIT_FSIZE, RLIMIT_NOFILE, no core files; as root, the child then drops to a fresh
+  unprivileged uid (root ignores RLIMIT_NPROC, and an unused uid can signal nothing), otherwise
+  bwrap maps the caller's uid in a new user namespace, whose process count starts at zero.
+  Where bwrap is missing or cannot create namespaces (macOS, some containers), "auto"/"bwrap"
+  REFUSE with SandboxUnavailableError naming the config key and the package to install.
+- "in_process" (opt-in only): the in-interpreter guard alone, in a fresh interpreter in its own
+  session (below). It stops accidents, not hostile code: re-importing posix/_socket/ctypes,
+  a closure's cell or sqlite3 get past it, it cannot hide /proc/<ppid>/environ, and a child that
+  calls setsid() outlives the group kill.
+The guard also runs as the inner layer under bwrap (cheap, and it keeps the error messages).
+
+The guard (nanochat's reliability guard, extended): destructive os/shutil functions, subprocess,
+exit/quit/help disabled, fork/exec/spawn/kill through posix disabled, no sockets, no file writes
+outside the work dir; a wall-clock limit (SIGALRM inside; from outside, the whole run is
+SIGKILLed at timeout + 1 s whatever it does); RLIMIT_AS/DATA/STACK/FSIZE = maximum_memory_bytes
+(not on macOS): allocation fails with MemoryError, reported as memory_exceeded.
 
 Why not nanochat's multiprocessing.Process: forking a large PyTorch/CUDA process and then
 lowering RLIMIT_AS below its already-mapped size makes every allocation in the child fail, and
@@ -25,8 +37,10 @@ interpreter costs ~20 ms and has none of these problems.
 import contextlib
 import errno
 import faulthandler
+import functools
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -39,6 +53,18 @@ from typing import Optional
 
 MAX_OUTPUT_CHARS = 100_000  # captured stdout/stderr kept per stream; the rest is cut with a marker
 KILL_GRACE_S = 1.0  # extra wall time before the parent kills a child that ignores its own timer
+MAX_PROCESSES = 8  # bwrap: RLIMIT_NPROC inside (processes + threads of the run, its init included)
+NOFILE = 256  # bwrap: RLIMIT_NOFILE inside
+TMPFS_BYTES = 256 * 1024 * 1024  # bwrap: size of the private /tmp when maximum_memory_bytes is None
+MAX_RESULT_BYTES = 16 * MAX_OUTPUT_CHARS  # result.json larger than this is not read (it was tampered with)
+
+ISOLATIONS = ("auto", "bwrap", "in_process")
+CONFIG_KEY = "chat_eval.sandbox"  # the setting that chooses the isolation, named in the refusal
+_SANDBOX_UID_BASE = 0x70000000  # as root, each run drops to a fresh uid in [base, base + 2**24): owns nothing
+
+
+class SandboxUnavailableError(RuntimeError):
+    """OS isolation was asked for (or is the default) and cannot be had here."""
 
 
 @dataclass
@@ -49,6 +75,7 @@ class ExecutionResult:
     error: Optional[str] = None
     timeout: bool = False
     memory_exceeded: bool = False
+    isolation: Optional[str] = None  # "bwrap" or "in_process": the outer layer this run had
 
     @property
     def passed(self):
@@ -87,69 +114,204 @@ def _kill_group(pgid):
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _describe_exit(returncode, stderr):
+def _describe_exit(returncode, stderr, isolation="in_process"):
     if returncode is not None and returncode < 0:
+        signum = -returncode
+    elif isolation == "bwrap" and returncode is not None and returncode > 128:
+        signum = returncode - 128  # bwrap's init reports a child killed by signal N as 128 + N
+    else:
+        signum = None
+    if signum is not None:
         try:
-            how = f"killed by {signal.Signals(-returncode).name}"
+            how = f"killed by {signal.Signals(signum).name}"
         except ValueError:
-            how = f"killed by signal {-returncode}"
+            how = f"killed by signal {signum}"
     else:
         how = f"exit code {returncode}"
     tail = stderr.decode("utf-8", "replace").strip()[-2000:] if stderr else ""
     return f"Execution failed (no result returned; {how})" + (f": {tail}" if tail else "")
 
 
+def _system_binds():
+    """(bwrap mount arguments for the read-only system: /usr, the merged-/usr links, the interpreter)."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    # the interpreter and its standard library, wherever they live (pyenv, a venv, /opt/...)
+    dirs = {os.path.realpath(d) for d in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                                            os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))}
+    for d in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep):
+        if d and os.path.isabs(d) and os.path.isdir(d):
+            dirs.add(os.path.realpath(d))
+    bound = ["/usr"]
+    made = set()
+    for d in sorted(dirs, key=len):
+        if any(d == b or d.startswith(b.rstrip("/") + "/") for b in bound) or d == "/":
+            continue
+        # parents are created world-traversable (bwrap would copy a 0700 /root), then the bind
+        parts = d.strip("/").split("/")
+        for i in range(1, len(parts)):
+            parent = "/" + "/".join(parts[:i])
+            if parent not in made:
+                args += ["--perms", "0755", "--dir", parent]
+                made.add(parent)
+        args += ["--ro-bind", d, d]
+        bound.append(d)
+    return args
+
+
+def _bwrap_argv(bwrap, command, tmpfs_bytes, extra=()):
+    """The bwrap command line around `command` (a list, run inside)."""
+    argv = [bwrap, "--die-with-parent", "--new-session",
+            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    if os.geteuid() == 0:
+        # root: no user namespace (it would map the sandbox to uid 0, which RLIMIT_NPROC does not
+        # bind); keep only what the child needs to drop to an unprivileged uid before running code
+        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        argv += ["--unshare-user", "--disable-userns"]
+    argv += _system_binds()
+    argv += ["--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", str(int(tmpfs_bytes)), "--tmpfs", "/tmp",
+             *extra, "--chdir", "/tmp", "--clearenv",
+             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
+             "--setenv", "LANG", "C.UTF-8", "--setenv", "LC_ALL", "C.UTF-8", "--setenv", "OMP_NUM_THREADS", "1"]
+    if os.environ.get("LD_LIBRARY_PATH"):
+        argv += ["--setenv", "LD_LIBRARY_PATH", os.environ["LD_LIBRARY_PATH"]]
+    return argv + ["--", *command]
+
+
+def _bwrap_env():
+    # bwrap's own processes (its init is pid 1 inside) get nothing worth reading either
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_problem(bwrap: Optional[str]) -> Optional[str]:
+    """Why bwrap cannot isolate a run here, or None when it can (tried once per process)."""
+    if not sys.platform.startswith("linux"):
+        return f"bubblewrap needs Linux namespaces; this is {sys.platform}"
+    if bwrap is None:
+        return "bubblewrap (bwrap) is not installed (not found on PATH)"
+    argv = _bwrap_argv(bwrap, [sys.executable, "-I", "-S", "-c", "pass"], 1024 * 1024)
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=_bwrap_env(), timeout=30,
+                           check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{bwrap} does not run: {e}"
+    if p.returncode != 0:
+        return f"{bwrap} cannot create its sandbox here: {p.stderr.decode('utf-8', 'replace').strip()[-500:]}"
+    return None
+
+
+def resolve_isolation(isolation: str = "auto") -> str:
+    """"bwrap" or "in_process" for the setting; raises SandboxUnavailableError rather than run unisolated.
+
+    "auto" is the strongest isolation this machine has, and refuses where that is none: today
+    bwrap, on Linux. "in_process" must be asked for by name."""
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+    if isolation == "in_process":
+        return "in_process"
+    problem = _bwrap_problem(shutil.which("bwrap"))
+    if problem:
+        raise SandboxUnavailableError(
+            f"{CONFIG_KEY}={isolation}: {problem}. Model-written code runs only under OS isolation unless "
+            f"you opt out: install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install "
+            f"bubblewrap), or set {CONFIG_KEY}=in_process to accept the in-interpreter guard alone, which is "
+            f"NOT a security boundary (run it only in a throwaway VM or container).")
+    return "bwrap"
+
+
 def execute_code(code: str, timeout: float = 5.0,
-                 maximum_memory_bytes: Optional[int] = 256 * 1024 * 1024) -> ExecutionResult:
-    """Run `code` in a sandboxed child interpreter; never raises for anything the code does."""
+                 maximum_memory_bytes: Optional[int] = 256 * 1024 * 1024,
+                 isolation: str = "auto", max_processes: int = MAX_PROCESSES) -> ExecutionResult:
+    """Run `code` in a sandboxed child interpreter; never raises for anything the code does.
+
+    isolation: "auto" | "bwrap" | "in_process" (see the module docstring); the result's
+    `isolation` says which ran. Raises SandboxUnavailableError when "auto"/"bwrap" cannot be had."""
     if sys.platform == "win32":
         raise NotImplementedError("execute_code needs POSIX signals and process groups (Linux or macOS)")
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     if maximum_memory_bytes is not None and maximum_memory_bytes <= 0:
         raise ValueError(f"maximum_memory_bytes must be None or > 0, got {maximum_memory_bytes!r}")
-    # workdir/request.json and result.json talk to the child through files, not pipes, so that
-    # a grandchild that inherited a pipe cannot keep us waiting; the program runs in workdir/run
+    if max_processes < 2:
+        raise ValueError(f"max_processes must be >= 2 (the run's init and the program), got {max_processes!r}")
+    isolation = resolve_isolation(isolation)
+    # request.json and result.json talk to the child through files, not pipes, so that a
+    # grandchild that inherited a pipe cannot keep us waiting
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="nanopipe-sandbox-"))
     try:
+        request = {"code": code, "timeout": timeout, "maximum_memory_bytes": maximum_memory_bytes}
+        if isolation == "bwrap":
+            request.update(max_processes=max_processes, nofile=NOFILE,
+                           uid=_SANDBOX_UID_BASE + int.from_bytes(os.urandom(3), 'little') if os.geteuid() == 0 else None)
         with open(os.path.join(workdir, "request.json"), "w", encoding="utf-8") as f:
-            json.dump({"code": code, "timeout": timeout, "maximum_memory_bytes": maximum_memory_bytes}, f)
-        run_dir = os.path.join(workdir, "run")
-        os.mkdir(run_dir)
+            json.dump(request, f)
+        result_path = os.path.join(workdir, "result.json")
+        open(result_path, "w").close()
+        if isolation == "bwrap":
+            # /sandbox (0700, root's or the caller's): the request, the result file and this file,
+            # opened before the drop to the run's uid; the program works in a private tmpfs /tmp
+            extra = ["--perms", "0700", "--dir", "/sandbox",
+                     "--ro-bind", os.path.join(workdir, "request.json"), "/sandbox/request.json",
+                     "--bind", result_path, "/sandbox/result.json",
+                     "--ro-bind", os.path.abspath(__file__), "/sandbox/sandbox.py"]
+            argv = _bwrap_argv(shutil.which("bwrap"), [sys.executable, "-I", "-S", "/sandbox/sandbox.py", "--bwrap"],
+                               maximum_memory_bytes or TMPFS_BYTES, extra)
+            cwd, env = workdir, _bwrap_env()
+        else:
+            run_dir = os.path.join(workdir, "run")  # the program's cwd; the guard allows writes only there
+            os.mkdir(run_dir)
+            # -I: ignore PYTHON* variables, user site and the script's dir; -S: no site-packages
+            # (faster start, and the program sees the standard library only, as HumanEval needs)
+            argv = [sys.executable, "-I", "-S", os.path.abspath(__file__), workdir]
+            cwd, env = run_dir, _child_env(run_dir)
         with open(os.path.join(workdir, "stderr.txt"), "wb") as err:
-            proc = subprocess.Popen(
-                # -I: ignore PYTHON* variables, user site and the script's dir; -S: no site-packages
-                # (faster start, and the program sees the standard library only, as HumanEval needs)
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), workdir],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                cwd=run_dir, env=_child_env(run_dir), close_fds=True,
-                start_new_session=True,  # own process group: one killpg reaches anything it spawned
-            )
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                    cwd=cwd, env=env, close_fds=True,
+                                    start_new_session=True)  # own process group: one killpg reaches it all
         try:
             proc.wait(timeout=timeout + KILL_GRACE_S)
         except subprocess.TimeoutExpired:
             _kill_group(proc.pid)  # the child is not reaped yet, so its group id cannot be reused
             proc.wait()
-            return ExecutionResult(success=False, stdout="", stderr="",
-                                   error="Execution timed out (process killed)", timeout=True)
+            return ExecutionResult(success=False, stdout="", stderr="", error="Execution timed out (process killed)",
+                                   timeout=True, isolation=isolation)
         except BaseException:  # e.g. Ctrl-C in the caller: do not leave the child running
             _kill_group(proc.pid)
             proc.wait()
             raise
-        _kill_group(proc.pid)  # anything that escaped the guard and outlived the child
-        try:
-            with open(os.path.join(workdir, "result.json"), "r", encoding="utf-8") as f:
-                result = json.load(f)
-        except (OSError, ValueError):
-            result = None
+        _kill_group(proc.pid)  # anything that escaped the guard and outlived the child (in_process)
+        result = None
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.getsize(result_path) <= MAX_RESULT_BYTES:
+                with open(result_path, "r", encoding="utf-8") as f:
+                    result = json.load(f)
         if not isinstance(result, dict) or "success" not in result:
+            rc = proc.returncode
+            if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) and (rc < 0 or isolation == "bwrap"):
+                return ExecutionResult(success=False, stdout="", stderr="", timeout=True, isolation=isolation,
+                                       error="Execution timed out (CPU time limit, process killed)")
             # nanochat flags this as timeout=True; it is not one, so we say what happened instead
             with open(os.path.join(workdir, "stderr.txt"), "rb") as f:
-                err_tail = f.read()[-4000:]
-            return ExecutionResult(success=False, stdout="", stderr="", error=_describe_exit(proc.returncode, err_tail))
-        return ExecutionResult(success=bool(result["success"]), stdout=result["stdout"], stderr=result["stderr"],
-                               error=result["error"], timeout=bool(result["timeout"]),
-                               memory_exceeded=bool(result["memory_exceeded"]))
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4000))
+                err_tail = f.read()
+            return ExecutionResult(success=False, stdout="", stderr="",
+                                   error=_describe_exit(proc.returncode, err_tail, isolation), isolation=isolation)
+        try:
+            return ExecutionResult(success=bool(result["success"]), stdout=str(result["stdout"]),
+                                   stderr=str(result["stderr"]), error=result["error"],
+                                   timeout=bool(result["timeout"]), memory_exceeded=bool(result["memory_exceeded"]),
+                                   isolation=isolation)
+        except (KeyError, TypeError):
+            return ExecutionResult(success=False, stdout="", stderr="", error="Execution failed (malformed result)",
+                                   isolation=isolation)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -355,18 +517,71 @@ def _unsafe_execute(code, timeout, maximum_memory_bytes, root):
     return result
 
 
+def _apply_os_limits(request):
+    """bwrap: the kernel's limits for this process and everything it starts (set before the uid drop)."""
+    import resource
+    mem = request["maximum_memory_bytes"]
+    cpu = int(math.ceil(request["timeout"])) + 1  # CPU seconds; the wall clock is enforced from outside
+    limits = [(resource.RLIMIT_CPU, cpu, cpu + 1),
+              (resource.RLIMIT_NPROC, request["max_processes"], request["max_processes"]),
+              (resource.RLIMIT_NOFILE, request["nofile"], request["nofile"]),
+              (resource.RLIMIT_FSIZE, mem or TMPFS_BYTES, mem or TMPFS_BYTES),
+              (resource.RLIMIT_CORE, 0, 0)]
+    if mem is not None:
+        limits += [(resource.RLIMIT_AS, mem, mem), (resource.RLIMIT_DATA, mem, mem)]
+    for which, soft, hard in limits:
+        old = resource.getrlimit(which)[1]
+        if old != resource.RLIM_INFINITY:
+            soft, hard = min(soft, old), min(hard, old)
+        resource.setrlimit(which, (soft, hard))
+
+
+def _drop_privileges(uid):
+    """root inside bwrap (no user namespace): become `uid`, which owns nothing, with no capabilities."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid):
+        raise RuntimeError("could not drop to the sandbox uid")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise RuntimeError("the sandbox uid can become root again")
+
+
 def _child_main(workdir):
     with open(os.path.join(workdir, "request.json"), "r", encoding="utf-8") as f:
         request = json.load(f)
     # opened before the guard; the program's own fd-level writes to stdout/stderr go nowhere
     result_file = open(os.path.join(workdir, "result.json"), "w", encoding="utf-8")
+    _run_and_report(request, result_file, os.path.realpath(os.getcwd()))
+
+
+def _child_main_bwrap():
+    """Inside bwrap: limits, uid drop (as root), then the guarded run in /tmp."""
+    with open("/sandbox/request.json", "r", encoding="utf-8") as f:
+        request = json.load(f)
+    result_file = open("/sandbox/result.json", "w", encoding="utf-8")
+
+    def prepare():
+        _apply_os_limits(request)
+        if os.getuid() == 0:  # never run the program as root, even a namespaced one
+            if request.get("uid") is None:
+                raise RuntimeError("running as root without a uid to drop to")
+            _drop_privileges(request["uid"])
+    _run_and_report(request, result_file, "/tmp", prepare)
+
+
+def _run_and_report(request, result_file, root, prepare=None):
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     try:
-        result = _unsafe_execute(request["code"], request["timeout"], request["maximum_memory_bytes"],
-                                 os.path.realpath(os.getcwd()))
-    except BaseException as e:  # the guard itself failed: report it rather than die silently
+        if prepare is not None:
+            prepare()
+        result = _unsafe_execute(request["code"], request["timeout"], request["maximum_memory_bytes"], root)
+    except BaseException as e:  # the guard itself failed: report it rather than die silently (no code ran)
         result = {"success": False, "stdout": "", "stderr": "", "timeout": False, "memory_exceeded": False,
                   "error": f"sandbox setup failed: {type(e).__name__}: {e}"}
     json.dump(result, result_file)
@@ -375,4 +590,7 @@ def _child_main(workdir):
 
 
 if __name__ == "__main__":
-    _child_main(sys.argv[1])
+    if sys.argv[1] == "--bwrap":
+        _child_main_bwrap()
+    else:
+        _child_main(sys.argv[1])

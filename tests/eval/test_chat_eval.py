@@ -200,3 +200,57 @@ def test_stage_end_to_end_offline(tmp_path, hf_dir, monkeypatch):
     assert sft["ChatCORE"] == pytest.approx(want)
     section = (tmp_path / "metrics/sections/chat_eval.md").read_text()
     assert "ARC-Challenge: unavailable" in section and "Skipped" in section and "not the six standard tasks" in section
+
+
+def _tiny_sft(tmp_path):
+    texts = ["def f(x):\n    return x + 1\n", "How many r are in the word strawberry? #### 3"] * 50
+    tok = Tokenizer.train_from_iterator(iter(texts), 300)
+    tok.save(paths.TOKENIZER)
+    torch.manual_seed(0)
+    model = create_model(config_from_depth(1, tok.get_vocab_size(), 64, 64, 64, "L"), "cpu")
+    save_checkpoint(paths.CHECKPOINTS["sft"], model, None, {"step": 7}, save_rng=False)
+
+
+def _humaneval_cfg(*overrides):
+    return make_cfg("experiment=smoke", "tracking.enabled=false", "runtime.device=cpu", "runtime.threads=1",
+                    "chat_eval.tasks=[HumanEval]", "chat_eval.sources=[sft]", "chat_eval.max_problems=1",
+                    "chat_eval.max_new_tokens=4", *overrides)
+
+
+def test_stage_records_the_isolation_of_model_written_code(tmp_path, monkeypatch):
+    import os
+
+    from nanopipe import sandbox
+    try:
+        sandbox.resolve_isolation("auto")
+        have_bwrap = True
+    except sandbox.SandboxUnavailableError:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the OS sandbox: install bubblewrap (.ci/run does)")
+        have_bwrap = False
+    monkeypatch.chdir(tmp_path)
+    _tiny_sft(tmp_path)
+    if have_bwrap:
+        run_stage(chat_eval_stage, _humaneval_cfg())
+        m = json.loads((tmp_path / "metrics/chat_eval.json").read_text())
+        assert m["sandbox"] == "auto" and m["sft"]["counts"]["HumanEval"]["isolation"] == "bwrap"
+        assert m["sft"]["counts"]["HumanEval"]["total"] == 1
+        assert "ran under: bwrap" in (tmp_path / "metrics/sections/chat_eval.md").read_text()
+    # no bubblewrap: the default refuses before evaluating anything; the opt-in runs the guard and says so
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    sandbox._bwrap_problem.cache_clear()
+    try:
+        with pytest.raises(sandbox.SandboxUnavailableError, match=r"chat_eval\.sandbox=auto.*apt-get install bubblewrap"):
+            run_stage(chat_eval_stage, _humaneval_cfg())
+        run_stage(chat_eval_stage, _humaneval_cfg("chat_eval.sandbox=in_process"))
+    finally:
+        sandbox._bwrap_problem.cache_clear()
+    m = json.loads((tmp_path / "metrics/chat_eval.json").read_text())
+    assert m["sandbox"] == "in_process" and m["sft"]["counts"]["HumanEval"]["isolation"] == "in_process"
+
+
+def test_sandbox_setting_is_checked():
+    from nanopipe.config import ConfigError
+    with pytest.raises(ConfigError, match=r"`chat_eval\.sandbox`"):
+        make_cfg("chat_eval.sandbox=docker")
+    assert make_cfg().chat_eval.sandbox == "auto"

@@ -190,6 +190,22 @@ def test_humaneval_grades_in_the_sandbox():
     assert task.evaluate(conv, "this is not python") is False
 
 
+def test_humaneval_isolation_is_recorded_and_refused_without_bwrap(monkeypatch, tmp_path):
+    from nanopipe import sandbox
+    task = HumanEval(timeout=2.0, sandbox="in_process")
+    conv = task[0]
+    assert task.isolation == "in_process" and task.isolations_used == set()
+    assert task.evaluate(conv, conv["messages"][1]["content"]) is True
+    assert task.isolations_used == {"in_process"}
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on PATH
+    sandbox._bwrap_problem.cache_clear()
+    try:
+        with pytest.raises(sandbox.SandboxUnavailableError, match="apt-get install bubblewrap"):
+            HumanEval()  # refused when built, before any program could run
+    finally:
+        sandbox._bwrap_problem.cache_clear()
+
+
 @pytest.mark.slow
 def test_every_humaneval_reference_solution_passes():
     task = HumanEval(timeout=5.0)

@@ -4,7 +4,8 @@
   the logits of the answer letters at the <|assistant_start|> position (no sampling);
 - generative tasks (GSM8K, HumanEval, SpellingBee, Arithmetic): sample with the Engine
   (calculator tool live), decode the completion and let the task grade it (HumanEval runs
-  the program in the sandbox); a problem passes if any of num_samples samples passes.
+  the program in the sandbox, isolated as chat_eval.sandbox says; the metrics record which
+  isolation it had); a problem passes if any of num_samples samples passes.
 Problems are sharded by rank and the counts all-reduced, so 1 and N ranks give the same totals.
 
 ChatCORE = mean over tasks of (accuracy - baseline) / (1 - baseline), baselines 0.25 for the
@@ -27,8 +28,10 @@ BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0
              "SpellingBee": 0.0, "Arithmetic": 0.0}  # random-guess accuracy (0.25 even for 3/5-option ARC rows)
 
 
-def build_task(name: str, dataset_dir: str | None = None, cache_dir: str | None = None):
-    """The evaluation split of a task by name (nanochat's registry, plus Arithmetic)."""
+def build_task(name: str, dataset_dir: str | None = None, cache_dir: str | None = None, sandbox: str = "auto"):
+    """The evaluation split of a task by name (nanochat's registry, plus Arithmetic).
+
+    sandbox: the isolation of model-written code (chat_eval.sandbox; HumanEval runs programs)."""
     from nanopipe import tasks
 
     remote = dict(dataset_dir=dataset_dir or None, cache_dir=cache_dir)
@@ -37,7 +40,7 @@ def build_task(name: str, dataset_dir: str | None = None, cache_dir: str | None 
         "ARC-Challenge": lambda: tasks.ARC("ARC-Challenge", "test", **remote),
         "MMLU": lambda: tasks.MMLU("all", "test", **remote),
         "GSM8K": lambda: tasks.GSM8K("main", "test", **remote),
-        "HumanEval": lambda: tasks.HumanEval(),
+        "HumanEval": lambda: tasks.HumanEval(sandbox=sandbox),
         "SpellingBee": lambda: tasks.SpellingBee(size=256, split="test"),
         "Arithmetic": lambda: tasks.Arithmetic(size=256, split="test"),
     }
@@ -119,12 +122,16 @@ def chatcore(accuracies: dict[str, float]) -> tuple[float | None, list[str]]:
 
 
 def evaluate_model(model, tokenizer, tasks: dict, c, autocast) -> dict:
-    """{task: {"accuracy", "passed", "total", "time_s"}} for one model over the loaded tasks."""
+    """{task: {"accuracy", "passed", "total", "time_s"}} for one model over the loaded tasks, plus
+    "isolation" for a task that runs model-written code (what its programs ran under, e.g. "bwrap")."""
     engine = Engine(model, tokenizer)
     max_problems = None if c.max_problems < 0 else c.max_problems
     out = {}
     for name, task in tasks.items():
         t0 = time.time()
+        used = getattr(task, "isolations_used", None)
+        if used is not None:
+            used.clear()
         with autocast():
             if task.eval_type == "categorical":
                 passed, total = run_categorical_eval(task, tokenizer, model, c.batch_size, max_problems)
@@ -135,5 +142,7 @@ def evaluate_model(model, tokenizer, tasks: dict, c, autocast) -> dict:
                 raise ValueError(f"task {name}: unsupported eval_type {task.eval_type!r}")
         out[name] = {"accuracy": passed / total if total else None, "passed": passed, "total": total,
                      "time_s": round(time.time() - t0, 3)}
+        if used is not None:
+            out[name]["isolation"] = ",".join(sorted(used)) or None  # None: no program ran
         log.info("%s: %d/%d (%.2f%%) in %.1f s", name, passed, total, 100 * passed / max(total, 1), out[name]["time_s"])
     return out

@@ -7,6 +7,10 @@ remote task whose data cannot be had (offline, no local copy) is recorded as una
 reason; a source whose checkpoint is missing is skipped with a note. Arithmetic is the embedded,
 offline GSM8K-format task, reported under its own name.
 
+Model-written programs (HumanEval) run in the OS sandbox (chat_eval.sandbox, nanopipe.sandbox);
+where it is unavailable the stage refuses to start unless chat_eval.sandbox=in_process, and each
+source's counts record the isolation its programs had (counts.HumanEval.isolation).
+
 Outputs: metrics/chat_eval.json ({source: {task: accuracy | null, ChatCORE, ...}}) and the report section.
 """
 from __future__ import annotations
@@ -37,12 +41,12 @@ def run(st: Stage) -> None:
     tasks, unavailable = {}, {}
     for name in c.tasks:
         try:
-            tasks[name] = build_task(name, c.dataset_dir)
+            tasks[name] = build_task(name, c.dataset_dir, sandbox=c.sandbox)
         except (DatasetUnavailableError, ImportError, FileNotFoundError) as e:
             unavailable[name] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             log.warning("%s unavailable: %s", name, unavailable[name])
 
-    metrics: dict = {"tasks": ",".join(c.tasks), "unavailable": unavailable}
+    metrics: dict = {"tasks": ",".join(c.tasks), "unavailable": unavailable, "sandbox": c.sandbox}
     report = [f"- tasks: {', '.join(c.tasks)}; max problems per task: {'all' if c.max_problems < 0 else c.max_problems}",
               f"- generative sampling: temperature {c.temperature}, top-k {c.top_k}, {c.num_samples} sample(s), "
               f"max {c.max_new_tokens} new tokens; world size {dev.world_size}"]
@@ -66,7 +70,8 @@ def run(st: Stage) -> None:
         score, used = chatcore({t: ran[t] for t in STANDARD_TASKS} if complete else ran)
         metrics[source] = {"step": meta.get("step"), **accuracies, "ChatCORE": score,
                            "ChatCORE_tasks": ",".join(used), "ChatCORE_complete": complete,
-                           "counts": {k: {f: v[f] for f in ("passed", "total", "time_s")} for k, v in results.items()}}
+                           "counts": {k: {f: v[f] for f in ("passed", "total", "time_s", "isolation") if f in v}
+                                      for k, v in results.items()}}
         problems += sum(v["total"] for v in results.values())
         seconds += sum(v["time_s"] for v in results.values())
         report += ["", f"### {source} ({ckpt}, step {meta.get('step')})", "",
@@ -78,6 +83,8 @@ def run(st: Stage) -> None:
                 report.append(f"| {name} | {acc:.4f} | {centred:.4f} | {results[name]['total']} |")
             else:
                 report.append(f"| {name} | unavailable | | 0 |")
+        report += [f"\nModel-written code of {k} ran under: {v['isolation']} (chat_eval.sandbox={c.sandbox})"
+                   for k, v in results.items() if v.get("isolation")]
         scope = "over the six standard tasks" if complete else \
             f"computed over {', '.join(used) or 'no task'} only, not the six standard tasks"
         report += ["", f"ChatCORE: {'n/a' if score is None else f'{score:.4f}'} ({scope})"]

