@@ -2,11 +2,14 @@
 
 Every output a rerun might trust is written to a temporary name next to its final
 path and renamed into place only once complete, so an interrupted stage never leaves
-a half-written file or directory behind.
+a half-written file or directory behind. A write that fails because the disk (or the
+quota) is full raises `DiskFull`, one line naming the final path, whatever layer
+(torch's zip writer, a buffered flush, fsync) hit the ENOSPC.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -21,7 +24,64 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class StageFailed(Exception):
+    """A stage stopped for a reason it states in one line (a full disk, a diverged loss) and wrote no
+    output; `nanopipe <stage>` prints the line without a traceback."""
+
+
+class DiskFull(StageFailed, OSError):
+    """A write failed because the filesystem (or the quota) is full."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def _is_disk_full(e: BaseException, path: Path) -> bool:
+    seen: BaseException | None = e
+    while seen is not None:  # torch wraps the OSError of a failed write in a RuntimeError ("unexpected pos ...")
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(e, (OSError, RuntimeError)) and _free_bytes(path) == 0
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk, however deep in the writer it surfaced, into `DiskFull` naming `path`."""
+    path = Path(path)
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as e:
+        if not _is_disk_full(e, path):
+            raise
+        free = _free_bytes(path)
+        raise DiskFull(f"{path}: cannot write it: the disk is full (no space left on device"
+                                     f"{'' if free is None else f'; {free:,} bytes free there'}); free some space "
+                                     "and rerun the stage") from e
+
+
 def _tmp_sibling(path: Path, is_dir: bool = False) -> Path:
+    with writing(path):
+        return _make_tmp_sibling(path, is_dir)
+
+
+def _make_tmp_sibling(path: Path, is_dir: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"
     if is_dir:
@@ -40,10 +100,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -59,7 +120,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = _tmp_sibling(path, is_dir=True)
     try:
-        yield tmp
+        with writing(path):
+            yield tmp
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

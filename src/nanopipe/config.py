@@ -41,7 +41,7 @@ def one_of(*choices: str):
 
 
 def at_least(n: float):
-    return need(f">= {n}", lambda v: v >= n)  # False for nan
+    return need(f">= {n}", lambda v: v >= n and math.isfinite(v))  # False for nan and inf
 
 
 def positive():
@@ -49,7 +49,19 @@ def positive():
 
 
 def fraction():
-    return need("in [0, 1]", lambda v: 0 <= v <= 1)
+    return need("in [0, 1]", lambda v: 0 <= v <= 1)  # False for nan and inf
+
+
+def beta():
+    return need("in [0, 1) (an EMA decay)", lambda v: 0 <= v < 1)
+
+
+def finite():
+    return need("a finite number (<= 0: off)", lambda v: math.isfinite(v))
+
+
+def nonfinite_tolerance():
+    return need(">= 0 (0: a non-finite loss stops the stage; N: up to N such steps are skipped)", lambda v: v >= 0)
 
 
 def every_or_off():
@@ -128,16 +140,17 @@ class PretrainConfig:
     device_batch_size: int = at_least(1)
     total_batch_size: int = need("-1 (auto) or >= 1", lambda v: v == -1 or v >= 1)
     num_iterations: int = MISSING
-    target_flops: float = MISSING
-    target_param_data_ratio: float = MISSING
+    target_flops: float = finite()
+    target_param_data_ratio: float = need("> 0 and finite (the data:param ratio the LR, batch and weight decay "
+                                          "transfer from d12 is computed at)", lambda v: v > 0 and math.isfinite(v))
     embedding_lr: float = positive()
     unembedding_lr: float = positive()
     matrix_lr: float = positive()
     scalar_lr: float = positive()
     batch_lr_scaling: bool = MISSING
     weight_decay: float = at_least(0)
-    adam_beta1: float = fraction()
-    adam_beta2: float = fraction()
+    adam_beta1: float = beta()
+    adam_beta2: float = beta()
     warmup_ratio: float = fraction()
     warmdown_ratio: float = fraction()
     final_lr_frac: float = fraction()
@@ -149,6 +162,7 @@ class PretrainConfig:
     save_every: int = MISSING
     keep_checkpoints: int = need("-1 (all), 0 (none) or the newest N >= 1", lambda v: v >= -1)
     log_every: int = at_least(1)
+    max_nonfinite_steps: int = nonfinite_tolerance()
     compile: str = one_of("auto", "true", "false")
     fp8: bool = MISSING
     fp8_recipe: str = one_of("tensorwise", "rowwise")
@@ -196,6 +210,7 @@ class SFTConfig:
     save_every: int = MISSING
     keep_checkpoints: int = need("-1 (all), 0 (none) or the newest N >= 1", lambda v: v >= -1)
     log_every: int = at_least(1)
+    max_nonfinite_steps: int = nonfinite_tolerance()
     compile: str = one_of("auto", "true", "false")
     sample_tokens: int = at_least(0)
 
@@ -225,6 +240,7 @@ class RLConfig:
     pass_k: int = at_least(1)
     save_every: int = MISSING
     keep_checkpoints: int = need("-1 (all), 0 (none) or the newest N >= 1", lambda v: v >= -1)
+    max_nonfinite_steps: int = nonfinite_tolerance()
     dataset_dir: str = MISSING
 
 
@@ -372,12 +388,26 @@ def load_config(overrides: list[str], params: str | os.PathLike = "params.yaml")
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
+    import yaml
+
     params = Path(params).resolve()
     if not params.exists():
         raise ConfigError(f"{params} not found. Run from the repo root, or create it with `nanopipe compose`.")
+    regenerate = "regenerate it with `nanopipe compose` (from conf/) or restore it with `git checkout params.yaml`"
+    try:
+        params.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{params}: not a text file (byte {e.start} is not UTF-8); {regenerate}") from None
+    except OSError as e:
+        raise ConfigError(f"{params}: cannot be read ({e.strerror or e})") from None
     try:
         with initialize_config_dir(config_dir=str(params.parent), version_base=None):
             cfg = compose(config_name=params.stem, overrides=overrides)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{params}: not valid YAML{at} ({problem}); {regenerate}") from None
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"{params.name} + overrides {overrides}: {str(e).splitlines()[0]}") from None
     return validate(cfg, source=params.name + (f" + overrides {overrides}" if overrides else ""))

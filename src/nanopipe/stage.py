@@ -14,9 +14,10 @@ and `nanopipe <name>` / `python stages/launch.py <name>` call `main(module)`, wh
 4. one MLflow run per execution: `st.log(...)` for curves (also rows of `metrics/<stage>/<plot>.csv`),
    `st.finish(metrics, report_md)` writes `metrics/<stage>.json` and `metrics/sections/<stage>.md`
    atomically on rank 0;
-5. on every exit path (an exception, Ctrl-C) the MLflow run is closed (FAILED unless `finish` ran)
-   and the process group is torn down; no metrics file is written for a failed stage, so DVC never
-   caches half a stage.
+5. on every exit path (an exception, Ctrl-C) the MLflow run is closed (FAILED unless `finish` ran;
+   KILLED on SIGTERM, which torchrun and SLURM send) and the process group is torn down; no metrics
+   file is written for a failed stage, so DVC never caches half a stage. A run whose process died
+   without closing it (kill -9) is marked KILLED when the stage next starts (nanopipe.tracking).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import io
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -88,7 +91,7 @@ class Stage:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self.tracker.end("FAILED" if exc_type else "FINISHED")
+            self.tracker.end("FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, Terminated) else "FAILED")
         finally:
             if self._dev is not None:
                 self._dev.close()
@@ -162,10 +165,21 @@ def run_stage(module: ModuleType, cfg: DictConfig, options: Any = None) -> None:
         module.run(st)
 
 
+class Terminated(SystemExit):
+    """SIGTERM (torchrun ending the other ranks of a failed run, SLURM's scancel, a plain `kill`): unwinds the
+    stage like an exception, so the contract closes its MLflow run (KILLED) and its process group."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated(128 + signum)
+
+
 def main(module: ModuleType, argv: list[str]) -> None:
     """`nanopipe <stage> [--option ...] [key=value ...]`: the stage on params.yaml plus overrides."""
     setup_logging()
     die_with_parent()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     # before CUDA's allocator starts; nanochat base_train.py @1ec0a34 sets it (fragmentation OOMs without it)
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     name = module.__name__.rsplit(".", 1)[-1]
@@ -176,7 +190,8 @@ def main(module: ModuleType, argv: list[str]) -> None:
         cfg = load_config(overrides)
         parsed = module.parse_options(options, select(cfg, module.PARAMS)) if hasattr(module, "parse_options") else None
         run_stage(module, cfg, parsed)
-    except (ConfigError, artifacts.MissingInput) as e:  # bad input: one line naming the key or file, no traceback
+    # bad input, a full disk, a diverged loss: one line naming the key, the file or the step, no traceback
+    except (ConfigError, artifacts.MissingInput, artifacts.StageFailed) as e:
         raise SystemExit(f"nanopipe {name}: {e}") from None
 
 

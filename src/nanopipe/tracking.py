@@ -2,7 +2,9 @@
 
 One MLflow run per stage execution, in the experiment named by `tracking.experiment`,
 tagged with the stage, the git commit and the DVC experiment name (DVC sets
-$DVC_EXP_NAME for `dvc exp run`). The default store is `sqlite:///<repo>/mlflow.db`,
+$DVC_EXP_NAME for `dvc exp run`), and with the process that runs it (`host`, `pid`, `pid_start`): a
+run left RUNNING by a process that is gone (kill -9, a lost node) is marked KILLED when the same
+stage next starts on that host. The default store is `sqlite:///<repo>/mlflow.db`,
 which is what `mlflow ui` opens in the repo root. Queued DVC experiments run in a temp
 copy of the repo; DVC points $DVC_ROOT at the real one, so their runs land in the same
 store. A tracking failure is logged and ignored: it must never cost a stage its outputs.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -51,6 +54,52 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _pid_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux /proc), telling a reused pid apart; '' elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]  # field 22: starttime
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """Which process runs a stage: what tells, later, whether that run is still alive."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "pid_start": _pid_start(os.getpid())}
+
+
+def process_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the process in a run's `process_tags` still runs: None where this host cannot tell."""
+    if tags.get("host") != socket.gethostname() or not str(tags.get("pid", "")).isdigit():
+        return None
+    pid = int(tags["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists (another user's)
+    except OSError:
+        return None
+    start = tags.get("pid_start")
+    return not start or _pid_start(pid) in ("", start)
+
+
+def mark_dead_runs(client, experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the runs of `stage` still RUNNING although their process is gone; returns their ids."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.stage = '{stage}' and attributes.status = 'RUNNING'",
+                              max_results=1000)
+    dead = []
+    for r in runs:
+        if process_alive(r.data.tags) is False:
+            client.set_tag(r.info.run_id, "killed", "its process was gone when the stage next started")
+            client.set_terminated(r.info.run_id, status="KILLED")
+            log.warning("MLflow run %s (%s) was left RUNNING by pid %s, which is gone: marked KILLED", r.info.run_id,
+                        r.info.run_name, r.data.tags.get("pid"))
+            dead.append(r.info.run_id)
+    return dead
+
+
 class Tracker:
     """MLflow through its client API (thread-safe, explicit run id); every call swallows tracking errors."""
 
@@ -89,7 +138,12 @@ class Tracker:
                     exp_id = client.create_experiment(self.experiment, artifact_location=location)
                 except Exception:  # noqa: BLE001 - another stage created it meanwhile
                     exp_id = client.get_experiment_by_name(self.experiment).experiment_id
-            self.run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+            if tags.get("stage"):
+                try:
+                    mark_dead_runs(client, exp_id, tags["stage"])
+                except Exception as e:  # noqa: BLE001
+                    log.warning("MLflow: could not check for runs left RUNNING (%s: %s)", type(e).__name__, e)
+            self.run_id = client.create_run(exp_id, run_name=run_name, tags={**tags, **process_tags()}).info.run_id
             self._client = client
         except Exception as e:  # noqa: BLE001
             log.warning("MLflow unavailable at %s (%s: %s); this stage runs untracked", self.uri, type(e).__name__, e)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanopipe.artifacts import atomic_dir, read_json, write_json
+from nanopipe.artifacts import atomic_dir, read_json, write_json, writing
 from nanopipe.config import ConfigError
 from nanopipe.model.gpt import GPT, GPTConfig
 from nanopipe.model.optim import DistMuonAdamW
@@ -125,8 +125,10 @@ class _HashingWriter:
         self.f.flush()
 
 
-def _save_file(obj, path: Path) -> dict:
-    with open(path, "wb") as f:
+def _save_file(obj, path: Path, final: Path) -> dict:
+    """torch.save `obj` to `path` (in the temp dir); `final` is where it will live, for the error of a full disk
+    (torch reports one as "unexpected pos ..."; nanopipe.artifacts.writing names the file and says why)."""
+    with writing(final), open(path, "wb") as f:
         w = _HashingWriter(f)
         torch.save(obj, w)
     return {"bytes": w.nbytes, "sha256": w.sha.hexdigest()}
@@ -162,11 +164,11 @@ def save_checkpoint(ckpt_dir, model, optimizer=None, meta: dict | None = None, s
             rngs = [mine]
     if rank == 0:
         with atomic_dir(ckpt_dir) as tmp:
-            files = {MODEL_FILE: _save_file(_strip_prefix(raw.state_dict()), tmp / MODEL_FILE)}
+            files = {MODEL_FILE: _save_file(_strip_prefix(raw.state_dict()), tmp / MODEL_FILE, ckpt_dir / MODEL_FILE)}
             if optim_sd is not None:
-                files[OPTIM_FILE] = _save_file(optim_sd, tmp / OPTIM_FILE)
+                files[OPTIM_FILE] = _save_file(optim_sd, tmp / OPTIM_FILE, ckpt_dir / OPTIM_FILE)
             if rngs is not None:
-                files[RNG_FILE] = _save_file({"world_size": world, "states": rngs}, tmp / RNG_FILE)
+                files[RNG_FILE] = _save_file({"world_size": world, "states": rngs}, tmp / RNG_FILE, ckpt_dir / RNG_FILE)
             full_meta = dict(meta or {})
             if history is not None and Path(history).is_dir():
                 shutil.move(str(history), str(tmp / HISTORY_DIR))

@@ -35,7 +35,7 @@ from nanopipe.model.checkpoint import save_checkpoint
 from nanopipe.model.gpt import GPT, config_from_depth, create_model, maybe_compile
 from nanopipe.stage import WORLD_PARAMS, Stage
 from nanopipe.tokenizer import load_token_bytes, load_tokenizer
-from nanopipe.train.loop import Resume, StepMeter, fingerprint, optimizer_step
+from nanopipe.train.loop import NonFiniteGuard, Resume, StepMeter, fingerprint, optimizer_step
 from nanopipe.train.schedules import lr_multiplier, muon_momentum
 
 log = logging.getLogger("nanopipe.pretrain")
@@ -202,6 +202,7 @@ def run(st: Stage) -> None:
     position = None
     meter = StepMeter(N, step, pl.total_batch_size, pl.flops_per_token, dev, "pretrain",
                       loop["smooth_train_loss"], loop["total_training_time"])
+    guard = NonFiniteGuard("pretrain", p.max_nonfinite_steps, loop.get("nonfinite_steps"))  # a nan/inf loss: stop or skip
 
     # -- loop: evaluate / sample / save at their intervals, then one optimizer step ------------
     val_bpb, core, samples = None, {"core_metric": None}, []
@@ -239,17 +240,22 @@ def run(st: Stage) -> None:
             break
 
         meter.start()
+        loss_sum = None  # every micro-step's loss, on the device: what the guard checks
         for _ in range(pl.grad_accum_steps):
             with dev.autocast():
                 loss = train_model(x, y)
             train_loss = loss.detach()
+            loss_sum = train_loss if loss_sum is None else loss_sum + train_loss
             (loss / pl.grad_accum_steps).backward()
             position = next_state
             x, y, next_state = next(loader)
         lrm = lr_multiplier(step, N, p.warmup_ratio, p.warmdown_ratio, p.final_lr_frac)
-        optimizer_step(optimizer, model, lrm, muon_momentum(step), pl.weight_decay * (1 - step / N))
-        stats = meter.stop(step, dev.all_reduce_mean(train_loss.item()))
-        loop.update(meter.loop_state())
+        if guard.before_step(step, dev, train_loss, loss_sum):
+            optimizer_step(optimizer, model, lrm, muon_momentum(step), pl.weight_decay * (1 - step / N))
+        else:
+            model.zero_grad(set_to_none=True)
+        stats = meter.stop(step, guard.after_step(step, dev, train_loss, loss_sum))  # raises on a nan/inf loss
+        loop.update(meter.loop_state(), nonfinite_steps=guard.skipped)
         if step % p.log_every == 0:
             st.log({**stats, "lrm": lrm}, step=step, plot="train")
         first_step_of_run = step == resumed_from
@@ -265,7 +271,10 @@ def run(st: Stage) -> None:
     gc.enable()
 
     # -- save and summarize ------------------------------------------------------------------------
-    final_meta = {"step": step, "val_bpb": val_bpb, "loop_state": loop, "max_seq_len": T, "device_batch_size": B,
+    # Content only in the DVC output: wall-clock time goes to metrics/pretrain.json, so a rerun that computes the
+    # same weights writes a byte-identical models/base (one DVC hash).
+    content_loop = {k: v for k, v in loop.items() if k != "total_training_time"}
+    final_meta = {"step": step, "val_bpb": val_bpb, "loop_state": content_loop, "max_seq_len": T, "device_batch_size": B,
                   "total_batch_size": pl.total_batch_size, "user_config": OmegaConf.to_container(cfg.pretrain)}
     save_checkpoint(paths.CHECKPOINTS["base"], model, None, final_meta, save_rng=False, history=resume.history)
     resume.clear()
@@ -288,6 +297,7 @@ def summarize(pl: Plan, loop: dict, val_bpb, core: dict, samples: list[str], met
         "mfu": None if not math.isfinite(dev.peak_flops) else 100 * pl.flops_per_token * (tok_s or 0) / (dev.peak_flops * dev.world_size),
         "training_time_s": loop["total_training_time"], "peak_memory_mib": dev.max_memory_mib(),
         "resumed_from_step": resumed_from or None, "param_counts": pl.param_counts,
+        "nonfinite_steps_skipped": loop.get("nonfinite_steps", []),
         # the matmul precision of the training steps, and of val bpb / CORE / samples (fp8 swapped out)
         "train_precision": train_precision, "eval_precision": eval_precision,
     }

@@ -28,7 +28,7 @@ from nanopipe.inference.engine import Engine
 from nanopipe.model.checkpoint import load_model, save_checkpoint
 from nanopipe.stage import WORLD_PARAMS, Stage, fmt
 from nanopipe.tokenizer import load_tokenizer
-from nanopipe.train.loop import Resume, fingerprint, optimizer_step, scale_initial_lrs
+from nanopipe.train.loop import NonFiniteGuard, Resume, fingerprint, optimizer_step, scale_initial_lrs
 from nanopipe.train.rl import build_batch, completion_text, pass_at_k, pg_loss, rollout
 
 log = logging.getLogger("nanopipe.rl")
@@ -104,6 +104,8 @@ def run(st: Stage) -> None:
     if state is not None:
         start, history = state["step"], state["history"]
         log.info("resuming from step %d (%s)", start, resume.latest())
+    # a nan/inf policy-gradient loss: stop, or skip the update (rollouts sync every step anyway: checked before it)
+    guard = NonFiniteGuard("rl", r.max_nonfinite_steps, (state or {}).get("nonfinite_steps"))
 
     def evaluate(step):
         model.eval()
@@ -125,7 +127,10 @@ def run(st: Stage) -> None:
         stats = {key: dev.all_reduce_mean(statistics.fmean(v for g in groups for v in g[key]))
                  for key in ("reward", "sequence_length", "completion_length", "stopped_frac")}
         lrm = 1.0 - step / pl.num_steps
-        optimizer_step(optimizer, model, lrm)
+        if guard.check(step, dev.all_reduce_sum([sum(g["pg_loss"] for g in groups)])[0]):
+            optimizer_step(optimizer, model, lrm)
+        else:
+            model.zero_grad(set_to_none=True)
         timing["step_times"].append(time.time() - t_step)
         history["reward"].append({"step": step, **stats})
         st.log({**stats, "lrm": lrm, "step_time_s": timing["step_times"][-1]}, step=step, plot="reward")
@@ -133,7 +138,8 @@ def run(st: Stage) -> None:
                  stats["reward"], stats["sequence_length"], stats["stopped_frac"], timing["step_times"][-1])
         done = step + 1
         if r.save_every > 0 and done < pl.num_steps and done % r.save_every == 0:
-            resume.save(done, model, optimizer, {"history": history, "user_config": OmegaConf.to_container(r)})
+            resume.save(done, model, optimizer, {"history": history, "user_config": OmegaConf.to_container(r),
+                                                 "nonfinite_steps": guard.skipped})
             st.flush_plots()
     evaluate(pl.num_steps)
 
@@ -144,12 +150,14 @@ def run(st: Stage) -> None:
                      "user_config": OmegaConf.to_container(r), "pass_at_k": history["pass_at_k"][-1]},
                     save_rng=False, history=resume.history)
     resume.clear()
-    st.finish(*summarize(r, pl, history, timing, len(val_task), src_meta, dev, start))
+    metrics, report = summarize(r, pl, history, timing, len(val_task), src_meta, dev, start)
+    st.finish({**metrics, "nonfinite_steps_skipped": guard.skipped}, report)
 
 
 def policy_gradient(model, engine: Engine, task, example_idx: int, step: int, r, pl: Plan, dev, timing: dict) -> dict:
     """Sample one question's group from the current policy, grade it, and backpropagate its policy-gradient
-    loss (one forward/backward per chunk of samples). Returns the group's statistics as lists."""
+    loss (one forward/backward per chunk of samples). Returns the group's statistics as lists, and its summed loss
+    (`pg_loss`, a float: what the non-finite guard checks)."""
     tokenizer = engine.tokenizer
     conversation = task[example_idx]
     prompt = tokenizer.render_for_completion(conversation)
@@ -168,13 +176,14 @@ def policy_gradient(model, engine: Engine, task, example_idx: int, step: int, r,
     rewards = [float(task.reward(conversation, completion_text(tokenizer, s, len(prompt), d))) for s, d in zip(seqs, stopped)]
     inputs, targets, rew, adv = build_batch(seqs, masks, rewards, tokenizer.encode_special("<|assistant_end|>"), dev.device)
     model.train()
-    row = 0
+    row, loss_sum = 0, 0.0
     for n in pl.chunks:
         with dev.autocast():
             loss = pg_loss(model, inputs[row:row + n], targets[row:row + n], adv[row:row + n], pl.normaliser)
         loss.backward()
+        loss_sum = loss_sum + loss.detach()
         row += n
-    return {"reward": [rew.mean().item()], "sequence_length": [len(s) for s in seqs],
+    return {"pg_loss": float(loss_sum), "reward": [rew.mean().item()], "sequence_length": [len(s) for s in seqs],
             "completion_length": [len(s) - len(prompt) for s in seqs], "stopped_frac": stopped}
 
 

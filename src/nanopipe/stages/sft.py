@@ -31,6 +31,7 @@ from nanopipe.model.gpt import maybe_compile
 from nanopipe.stage import WORLD_PARAMS, Stage, fmt
 from nanopipe.tokenizer import load_token_bytes, load_tokenizer
 from nanopipe.train.loop import (
+    NonFiniteGuard,
     Resume,
     StepMeter,
     fingerprint,
@@ -129,6 +130,7 @@ def run(st: Stage) -> None:
     eval_steps = max(1, s.eval_tokens // (B * T * dev.world_size))
     meter = StepMeter(N if N > 0 else None, step, pl.total_batch_size, flops_per_token, dev, "sft",
                       loop["smooth_train_loss"], loop["total_training_time"])
+    guard = NonFiniteGuard("sft", s.max_nonfinite_steps, loop.get("nonfinite_steps"))  # a nan/inf loss: stop or skip
 
     # -- loop: val loss at its interval, resume checkpoints, then one optimizer step -------------
     val, stats = {}, {}
@@ -156,10 +158,12 @@ def run(st: Stage) -> None:
             break
 
         meter.start()
+        loss_sum = None  # every micro-step's loss, on the device: what the guard checks
         for _ in range(accum):
             with dev.autocast():
                 loss = train_model(x, y)
             train_loss = loss.detach()
+            loss_sum = train_loss if loss_sum is None else loss_sum + train_loss
             (loss / accum).backward()
             loader_state = next_state
             x, y, next_state = next(loader)
@@ -167,9 +171,12 @@ def run(st: Stage) -> None:
         progress = (step + 1) / N if N > 0 else min(1.0, loader_state["consumed"] / len(train_ds))
         loop["progress"] = progress = dev.all_reduce_max(progress)  # every rank stops (and schedules) alike
         lrm = lr_multiplier_by_progress(progress, s.warmup_ratio, s.warmdown_ratio, s.final_lr_frac)
-        optimizer_step(optimizer, model, lrm, muon_momentum(step))
-        stats = meter.stop(step, dev.all_reduce_mean(train_loss.item()))
-        loop.update(meter.loop_state())
+        if guard.before_step(step, dev, train_loss, loss_sum):
+            optimizer_step(optimizer, model, lrm, muon_momentum(step))
+        else:
+            model.zero_grad(set_to_none=True)
+        stats = meter.stop(step, guard.after_step(step, dev, train_loss, loss_sum))  # raises on a nan/inf loss
+        loop.update(meter.loop_state(), nonfinite_steps=guard.skipped)
         if step % s.log_every == 0:
             st.log({**stats, "lrm": lrm, "progress": progress, "epoch": loader_state["epoch"]}, step=step, plot="train")
         step += 1
@@ -178,8 +185,10 @@ def run(st: Stage) -> None:
 
     # -- save, probe the chat format, summarize ------------------------------------------------
     counts = dict(zip(COUNTERS, map(int, dev.all_reduce_sum([trained_state[k] for k in COUNTERS]))))
+    # content only in the DVC output (wall-clock time is in metrics/sft.json): same weights, same models/sft hash
+    content_loop = {k: v for k, v in loop.items() if k != "total_training_time"}
     final_meta = {"step": step, "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"), "max_seq_len": T,
-                  "device_batch_size": B, "total_batch_size": pl.total_batch_size, "loop_state": loop,
+                  "device_batch_size": B, "total_batch_size": pl.total_batch_size, "loop_state": content_loop,
                   "base_step": base_meta.get("step"), "user_config": OmegaConf.to_container(s)}
     save_checkpoint(paths.CHECKPOINTS["sft"], model, None, final_meta, save_rng=False, history=resume.history)
     resume.clear()
@@ -213,6 +222,7 @@ def summarize(s, pl: Plan, step: int, loop: dict, val: dict, stats: dict, counts
         "grad_accum_steps": accum, "tok_per_sec": meter.median_tok_per_sec(),
         "training_time_s": loop["total_training_time"], "peak_memory_mib": dev.max_memory_mib(),
         "resumed_from_step": resumed_from or None, "format_problems": problems, "samples": samples,
+        "nonfinite_steps_skipped": loop.get("nonfinite_steps", []),
     }
     report = "\n".join([
         f"- mixture: {s.mixture}, {num_conversations:,} conversations ({', '.join(f'{k} {v:,}' for k, v in mix.items())})",

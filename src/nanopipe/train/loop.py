@@ -8,6 +8,9 @@
   (models/resume/<stage>/history/, `keep` newest of them); the final save moves them into
   the stage's output as models/<stage>/steps/ (nanopipe.model.checkpoint.save_checkpoint).
 - `StepMeter`: smoothed loss, tok/s, MFU, ETA, and the progress bar on rank 0.
+- `NonFiniteGuard`: a nan/inf training loss stops the stage naming the step, before anything is
+  saved, or (`<stage>.max_nonfinite_steps` = N > 0) skips up to N such optimizer steps
+  (docs/decisions.md, D13).
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from nanopipe import paths
+from nanopipe.artifacts import StageFailed
 from nanopipe.model.checkpoint import (
     CheckpointError,
     find_last_step,
@@ -137,6 +142,66 @@ class Resume:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class NonFiniteLoss(StageFailed):
+    """The training loss went nan/inf more often than the stage tolerates."""
+
+
+def synced_losses(dev: Device, last_loss: torch.Tensor, loss_sum: torch.Tensor) -> tuple[float, float]:
+    """(the last micro-step's loss, averaged over ranks: what is logged; the sum of every micro-step's loss
+    over every rank: what the guard checks). One host transfer and one all-reduce; a nan or inf on any
+    rank, in any micro-step, makes the sum non-finite on every rank, so all ranks decide alike."""
+    last, total = dev.all_reduce_sum(torch.stack([last_loss.float(), loss_sum.float()]).tolist())
+    return last / dev.world_size, total
+
+
+class NonFiniteGuard:
+    """What a training stage does about a non-finite loss (docs/decisions.md, D13).
+
+    tolerance 0 (the default): the first one stops the stage with NonFiniteLoss, naming the stage and the
+    step; the check reads the loss already synced after the optimizer step for logging (no extra host
+    sync on a GPU), so the poisoned step has updated the weights in memory, but the stage raises before
+    it evaluates, saves a resume checkpoint or writes its output. tolerance N > 0: the loss is synced
+    before the optimizer step (one more host sync per step), a non-finite step's update is skipped
+    (grads dropped; the step still counts, as Megatron-LM counts its skipped iterations) up to N times
+    in the run; the next one stops the stage. Skipped steps are listed in the stage's metrics.
+    """
+
+    def __init__(self, stage: str, tolerance: int, skipped: list[int] | None = None):
+        self.stage, self.tolerance = stage, tolerance
+        self.skipped: list[int] = list(skipped or [])  # steps whose update was skipped (kept across a resume)
+        self._synced: tuple[float, float] | None = None
+
+    def check(self, step: int, value: float) -> bool:
+        """True when `value` is finite; False: skip this step's update. Raises beyond the tolerance."""
+        if math.isfinite(value):
+            return True
+        key = f"{self.stage}.max_nonfinite_steps"
+        if len(self.skipped) >= self.tolerance:
+            before = f" (updates already skipped at steps {self.skipped})" if self.skipped else ""
+            raise NonFiniteLoss(f"stage {self.stage}: the training loss is {value} at step {step}{before}; stopped "
+                                f"before saving anything ({key}={self.tolerance} tolerates {self.tolerance or 'none'}). "
+                                "Lower the learning rates, or raise the tolerance to skip isolated spikes")
+        self.skipped.append(step)
+        log.warning("stage %s: the training loss is %s at step %d: update skipped (%d of %s=%d)", self.stage, value, step,
+                    len(self.skipped), key, self.tolerance)
+        return False
+
+    def before_step(self, step: int, dev: Device, last_loss: torch.Tensor, loss_sum: torch.Tensor) -> bool:
+        """Before the optimizer step: False = skip it (the caller drops the grads). Syncs only with a tolerance."""
+        self._synced = None
+        if self.tolerance == 0:
+            return True
+        self._synced = synced_losses(dev, last_loss, loss_sum)
+        return self.check(step, self._synced[1])
+
+    def after_step(self, step: int, dev: Device, last_loss: torch.Tensor, loss_sum: torch.Tensor) -> float:
+        """After it: the loss to log (nan for a skipped step); without a tolerance, the check (raises)."""
+        if self._synced is None:
+            self._synced = synced_losses(dev, last_loss, loss_sum)
+            self.check(step, self._synced[1])
+        return self._synced[0]
+
+
 class StepMeter:
     """Per-step throughput and loss bookkeeping, with a progress bar on rank 0."""
 
@@ -156,7 +221,8 @@ class StepMeter:
         """Close the step; returns the step's metrics."""
         self.dev.sync()
         dt = time.time() - self._t
-        self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
+        if math.isfinite(loss):  # a skipped non-finite step (NonFiniteGuard) must not poison the average
+            self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
         debiased = self.smooth_loss / (1 - 0.9 ** (step + 1))
         tok_s = self.tokens_per_step / dt
         if step - self.step0 > 1:  # the first steps include warm-up/compile time
