@@ -204,6 +204,8 @@ def main(argv: list[str]) -> int:
         print("doctor: dvc status: data and pipelines are up to date")
     else:
         changed = [line.rstrip(":") for line in status.stdout.splitlines() if line and not line[0].isspace()]
-        print(f"doctor: dvc status: changed: {', '.join(changed)}; `dvc repro` (or `nanopipe doctor --repro`) "
-              "takes every stage that ran to completion from the run-cache, without recomputing it")
+        print(f"doctor: dvc status: changed (or never run): {', '.join(changed)}")
+        print("doctor: `dvc repro` (or `nanopipe doctor --repro`) takes each stage that ran to completion from DVC's "
+              "run-cache (\"is cached - skipping run\") and reruns the rest; DVC keeps no run-cache entry for a stage "
+              "with an uncached output that is not a metric or plot (docs/dvc-lock-truncation.md)")
     return 0
