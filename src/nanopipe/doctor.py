@@ -107,7 +107,7 @@ def lock_problems(text: str, declared: dict[str, dict], root: Path | None = None
 
 
 def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
 
 
 def committed_lock(repo: Path, rel: str, declared: dict[str, dict]) -> tuple[str, str] | None:
@@ -195,8 +195,8 @@ def main(argv: list[str]) -> int:
     heal(repo)
     if "--repro" in argv:
         print("doctor: + dvc repro (stages that ran to completion come back from the run-cache)", flush=True)
-        return subprocess.run(["dvc", "repro"], cwd=repo).returncode
-    status = subprocess.run(["dvc", "status"], cwd=repo, capture_output=True, text=True)
+        return subprocess.run(["dvc", "repro"], cwd=repo, check=False).returncode
+    status = subprocess.run(["dvc", "status"], cwd=repo, capture_output=True, text=True, check=False)
     if status.returncode != 0:
         print(f"doctor: `dvc status` still fails:\n{status.stdout}{status.stderr}", file=sys.stderr)
         return 1

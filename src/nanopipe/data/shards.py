@@ -59,7 +59,7 @@ def verify_shard(path: Path, full: bool = False) -> dict:
         pf = pq.ParquetFile(path)
         meta = pf.metadata
         names = meta.schema.names
-    except Exception as e:  # pyarrow raises several types for a damaged file
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
         raise ShardError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
     if "text" not in names:
         raise ShardError(f"{path}: has no `text` column (columns: {names})")
