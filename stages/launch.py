@@ -195,13 +195,37 @@ def follow(runtime: dict, env: dict, params_sha: str, idle_timeout: float, poll:
     return 1 if failures else 0
 
 
+def read_params(path: str = "params.yaml") -> tuple[bytes, dict]:
+    """(raw bytes, the `runtime` section); a missing, unparseable or wrongly shaped file exits with one line."""
+    fix = "regenerate it with `nanopipe compose` (e.g. `python -m nanopipe.cli compose experiment=smoke`)"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        sys.exit(f"{path}: cannot be read ({e.strerror}); {fix}")
+    try:
+        params = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        sys.exit(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or type(e).__name__}); {fix}")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        sys.exit(f"{path}: expected a mapping of config sections (data:, tokenizer:, runtime:, ...), "
+                 f"found a YAML {type(params).__name__}; {fix}")
+    runtime = params.get("runtime") or {}
+    if not isinstance(runtime, dict):
+        sys.exit(f"{path}: expected `runtime` to be a mapping (nproc_per_node:, nnodes:, ...), "
+                 f"found a YAML {type(runtime).__name__}; {fix}")
+    return raw, runtime
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    with open("params.yaml", "rb") as f:
-        raw = f.read()
-    runtime = (yaml.safe_load(raw) or {}).get("runtime", {})
+    raw, runtime = read_params()
     params_sha = hashlib.sha256(raw).hexdigest()
     env = environment(dict(os.environ))
     if argv[0] == "--follow":

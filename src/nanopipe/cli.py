@@ -5,6 +5,9 @@ through the stage contract (`nanopipe.stage.main`): params.yaml plus Hydra overr
 
 `nanopipe compose [overrides...]` rewrites params.yaml from `conf/` exactly as `dvc exp run -S ...`
 does (e.g. `nanopipe compose experiment=d12`).
+
+`nanopipe doctor [--check | --repro]` finds a dvc.lock that a killed `dvc repro` left empty or cut
+short and restores it from git, so that DVC's run-cache brings outputs back without recomputing.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ USAGE = f"""usage: nanopipe <command> [key=value ...]
 commands:
   {", ".join(NAMES)}
   compose     rewrite params.yaml from conf/ (Hydra overrides allowed, e.g. experiment=d12)
+  doctor      check dvc.lock; restore an empty/truncated one from git (--check: report only; --repro: then repro)
 
 Each stage is the file src/nanopipe/stages/<command>.py. Overrides use Hydra's syntax and apply on
 top of params.yaml, e.g.
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "compose":
         return compose(rest)
+    if command == "doctor":
+        from nanopipe import doctor
+
+        raise SystemExit(doctor.main(rest))
     if command not in NAMES:
         raise SystemExit(f"nanopipe: unknown command {command!r}\n\n{USAGE}")
     from nanopipe import stage

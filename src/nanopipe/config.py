@@ -322,14 +322,24 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
+def _url_per_index(template: str) -> bool:
+    """True when `template` renders a different URL for each shard index: an `{index}` field (not the
+    literal `{{index}}`) and no other field (the same rule as nanopipe.data.sources.template_problem)."""
+    try:
+        return template.format(index=0) != template.format(index=1)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return False
+
+
 def _cross_checks(cfg: DictConfig) -> Iterable[tuple[bool, str, str]]:
     """Checks that relate two keys: (ok, key, expected)."""
     yield (cfg.data.val_shard < cfg.data.total_shards, "data.val_shard",
            f"an index in [0, data.total_shards={cfg.data.total_shards})")
     yield (cfg.data.num_train_shards <= cfg.data.total_shards - 1, "data.num_train_shards",
            f"at most data.total_shards - 1 = {cfg.data.total_shards - 1} (one shard is the val shard)")
-    yield (cfg.data.source == "embedded" or "{index" in cfg.data.url_template, "data.url_template",
-           f"an fsspec URL with an {{index}} field (e.g. https://host/shard_{{index:05d}}.parquet) for data.source={cfg.data.source}")
+    yield (cfg.data.source == "embedded" or _url_per_index(cfg.data.url_template), "data.url_template",
+           f"an fsspec URL with an {{index}} field and no other (e.g. https://host/shard_{{index:05d}}.parquet) "
+           f"for data.source={cfg.data.source}")
     yield (cfg.rl.enabled or cfg.export.source != "rl", "export.source",
            "sft or base when rl.enabled is false (no RL checkpoint is made)")
     yield (cfg.runtime.nnodes == 1 or cfg.runtime.launcher != "torchrun" or bool(cfg.runtime.rdzv_endpoint),

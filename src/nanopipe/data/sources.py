@@ -71,8 +71,23 @@ def embedded_documents(max_chars: int, doc_chars: int, include_tests: bool, seed
     return out
 
 
-def shard_url(template: str, index: int) -> str:
+def template_problem(template: str) -> str | None:
+    """Why `template` cannot name one shard per index, or None when it can.
+
+    `"{index" in template` is not enough: `{{index}}` is a literal (every shard, val included, would be
+    the same file) and another field (`{split}`) cannot be filled.
+    """
     try:
-        return template.format(index=index)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"data.url_template {template!r}: expected a template with {{index}} (e.g. shard_{{index:05d}}.parquet): {e}") from None
+        first, second = template.format(index=0), template.format(index=1)
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        return f"does not render with only an {{index}} field ({type(e).__name__}: {e})"
+    if first == second:
+        return f"renders the same URL for every shard ({first!r}): it needs an {{index}} field"
+    return None
+
+
+def shard_url(template: str, index: int) -> str:
+    problem = template_problem(template)
+    if problem:
+        raise ValueError(f"data.url_template {template!r}: {problem} (e.g. shard_{{index:05d}}.parquet)")
+    return template.format(index=index)

@@ -3,14 +3,16 @@
 Train shards are indices 0..num_train_shards-1 (skipping the val index); the validation shard is
 `data.val_shard`, fixed by config. The embedded source builds its shards from text that ships with
 Python; remote ones are fetched by `nanopipe.data.download` (parallel, verified, retried).
-`data/shards` is a DVC `persist` output, so a rerun after an interruption skips verified shards.
+`data/shards` is a DVC `persist` output, so a rerun after an interruption skips verified shards; temp
+files live in data/.partial (outside the output, wiped on every start), so a killed run leaves no junk
+for dvc.lock to track.
 """
 from __future__ import annotations
 
 import time
 
 from nanopipe import artifacts, paths
-from nanopipe.data.download import build_embedded, download_remote, plan
+from nanopipe.data.download import build_embedded, clean_partials, download_remote, plan, write_json
 from nanopipe.data.shards import shard_name, verify_shard
 from nanopipe.stage import Stage
 
@@ -21,6 +23,7 @@ def run(st: Stage) -> None:
     cfg = st.cfg
     wanted = plan(cfg)
     paths.SHARDS.mkdir(parents=True, exist_ok=True)
+    clean_partials()
     keep = {shard_name(i) for i, _ in wanted}
     for stale in paths.SHARDS.glob("*.parquet"):  # shards of an earlier config would confuse readers
         if stale.name not in keep:
@@ -45,7 +48,7 @@ def run(st: Stage) -> None:
         "row_group_size": cfg.data.row_group_size,
         "shards": entries,
     }
-    artifacts.write_json(paths.MANIFEST, manifest)
+    write_json(paths.MANIFEST, manifest)
 
     train = [e for e in entries if e["split"] == "train"]
     metrics = {
