@@ -33,6 +33,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -142,8 +143,13 @@ def announce_and_run(cmd: list[str], ann: dict, env: dict) -> int:
     store = TCPStore(host, port + 1, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     store.set(ANNOUNCE_KEY, json.dumps(ann))
     print(f"[launch] announced {ann['stage']} ({ann['rdzv_id']}) on {host}:{port + 1}", file=sys.stderr, flush=True)
+    child = subprocess.Popen(cmd, env=env)
+    # this launcher stays as node 0's parent (it holds the announcement), so it passes on the signals
+    # torchrun and SLURM stop a run with: the stage then closes its MLflow run as KILLED
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _frame: child.send_signal(s))
     try:
-        return subprocess.run(cmd, env=env).returncode
+        return child.wait()
     finally:
         del store
 
