@@ -2,6 +2,7 @@
 HumanEval completions, ChatCORE centring, hub-schema fixtures through the real loading path, and the
 stage end to end (a missing source skipped, an unavailable task reported)."""
 import json
+import re
 
 import datasets
 import pyarrow as pa
@@ -236,12 +237,18 @@ def test_stage_records_the_isolation_of_model_written_code(tmp_path, monkeypatch
         assert m["sandbox"] == "auto" and m["sft"]["counts"]["HumanEval"]["isolation"] == "bwrap"
         assert m["sft"]["counts"]["HumanEval"]["total"] == 1
         assert "ran under: bwrap" in (tmp_path / "metrics/sections/chat_eval.md").read_text()
-    # no bubblewrap: the default refuses before evaluating anything; the opt-in runs the guard and says so
+    # no bubblewrap: auto runs none of the model's code and says why (the chain still finishes); bwrap
+    # asked for by name is an error; the opt-in runs the guard and says so
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     sandbox._bwrap_problem.cache_clear()
     try:
-        with pytest.raises(sandbox.SandboxUnavailableError, match=r"chat_eval\.sandbox=auto.*apt-get install bubblewrap"):
-            run_stage(chat_eval_stage, _humaneval_cfg())
+        run_stage(chat_eval_stage, _humaneval_cfg())
+        m = json.loads((tmp_path / "metrics/chat_eval.json").read_text())
+        assert re.search(r"not run, no OS sandbox: chat_eval\.sandbox=auto.*apt-get install bubblewrap",
+                         m["unavailable"]["HumanEval"])
+        assert "HumanEval" not in m["sft"].get("counts", {})
+        with pytest.raises(sandbox.SandboxUnavailableError, match=r"chat_eval\.sandbox=bwrap.*apt-get install bubblewrap"):
+            run_stage(chat_eval_stage, _humaneval_cfg("chat_eval.sandbox=bwrap"))
         run_stage(chat_eval_stage, _humaneval_cfg("chat_eval.sandbox=in_process"))
     finally:
         sandbox._bwrap_problem.cache_clear()
