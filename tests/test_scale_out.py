@@ -190,13 +190,15 @@ def test_two_node_resume_after_kill9_is_bit_identical(two_rank_reference):
     repo, ref = two_rank_reference
     follower = _two_nodes(repo)
     try:
+        log = open(repo.parent / "killed-run.log", "w+")
         proc = subprocess.Popen(["dvc", "repro", "-f", "-s", "pretrain"], cwd=repo, start_new_session=True,
-                                env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
         ckpt = repo / "models/resume/pretrain/step_000008/meta.json"
         deadline = time.time() + 600
         while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        assert ckpt.exists(), "no checkpoint appeared"
+        log.flush()
+        assert ckpt.exists(), f"no checkpoint appeared:\n{Path(log.name).read_text()[-3000:]}\n{follower.text()[-2000:]}"
         os.killpg(proc.pid, signal.SIGKILL)  # node 0's DVC, launcher and workers; node 1's worker loses its peer
         proc.wait()
         p = run(["dvc", "repro", "pretrain"], repo, timeout=600)

@@ -141,8 +141,10 @@ class PretrainConfig:
     total_batch_size: int = need("-1 (auto) or >= 1", lambda v: v == -1 or v >= 1)
     num_iterations: int = MISSING
     target_flops: float = finite()
-    target_param_data_ratio: float = need("> 0 and finite (the data:param ratio the LR, batch and weight decay "
-                                          "transfer from d12 is computed at)", lambda v: v > 0 and math.isfinite(v))
+    # -1 disables the data-ratio horizon, as in nanochat (base_train.py @1ec0a34); the transfer from d12
+    # then uses D / D_ref = (scaling params) / (d12's), where the ratio cancels. 0 would divide by zero.
+    target_param_data_ratio: float = need("-1 (no data-ratio horizon) or > 0 and finite",
+                                          lambda v: v == -1 or (v > 0 and math.isfinite(v)))
     embedding_lr: float = positive()
     unembedding_lr: float = positive()
     matrix_lr: float = positive()
