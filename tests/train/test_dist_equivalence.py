@@ -25,8 +25,9 @@ reduction-order change does instead, measured on 1-process runs against the plai
     every grad element x (1 +- 2^-23)    1.0 (wte)            3.0 (wte)       7.2e-3 (value embeds)
     one micro-batch of 2B rows           1.2 (value embeds)   -               -
     (after 1 step: 2.4e-7, i.e. one fp32 ulp)
-    planted: rank 1 halves its Muon grads       2.7 (value embeds; matrices 1.6e-2)
-    planted: rank 1 halves its sharded AdamW grads  5.1 (wte; matrices 3.0e-2)
+    planted, 1 vs 2 processes:
+    rank 1 halves its Muon grads           2.7 (matrices 1.6e-2)  3.0             4.3e-2 (wte)
+    rank 1 halves its sharded AdamW grads  5.1 (matrices 3.0e-2)  5.6             9.5e-2 (wte)
 
 A one-ulp change of the gradients grows to O(1) within a few steps (Muon's bf16 orthogonalisation
 and AdamW's sign-like early steps at high embedding LR amplify it), as large as the planted bugs do:
