@@ -52,3 +52,18 @@ def make_repo_copy(dest: Path, *overrides: str) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "init"], dest)
     return dest
+
+
+def require_tool(name: str, install_hint: str, found=None):
+    """Skip the calling test where a required tool is missing, but fail it under CI=true: CI installs
+    every tool (.ci/run), so a missing one there is a broken install, never a green skip.
+    `found`: whether the tool is usable (default: `name` is on PATH)."""
+    import pytest
+
+    if found is None:
+        found = shutil.which(name) is not None
+    if found:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this test: {name} is missing ({install_hint})")
+    pytest.skip(f"{name} is not available here ({install_hint})")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, make_repo_copy, run, subprocess_env
+from helpers import REPO, make_repo_copy, require_tool, run, subprocess_env
 
 spec = importlib.util.spec_from_file_location("launch", REPO / "stages/launch.py")
 launch = importlib.util.module_from_spec(spec)
@@ -292,10 +292,8 @@ except CheckpointError as e:
 
 @pytest.fixture(scope="module")
 def local_slurm():
-    if shutil.which("srun") is None or os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the SLURM test: install slurm-wlm and munge (.ci/run does) and run as root")
-        pytest.skip("no SLURM here (apt-get install slurm-wlm munge, as root)")
+    require_tool("srun", "SLURM, run as root: apt-get install slurm-wlm munge; .ci/run does",
+                 found=shutil.which("srun") is not None and os.geteuid() == 0)
     subprocess.run(["bash", str(REPO / "tests/slurm/local_slurm.sh"), "start"], check=True, timeout=120)
     yield
     # the daemons stay up for a later session on this machine; .ci/run's clean container ends them

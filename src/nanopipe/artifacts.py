@@ -110,18 +110,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (renameat2 RENAME_EXCHANGE); False where that is not
+    available (not Linux, an old kernel or libc, a file system without it)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory; on clean exit replace `path` with it in one rename.
 
-    A previous directory at `path` is moved aside first and deleted only after the
-    new one is in place, so at every instant `path` is either the old or the new tree.
+    A previous directory at `path` is swapped with the new one in one system call (Linux's
+    renameat2 RENAME_EXCHANGE) and deleted after, so at every instant `path` is either the old or
+    the new tree. Where the kernel or file system cannot swap, the old tree is moved aside and the
+    new one renamed into place: `path` is then missing between the two renames.
     """
     path = Path(path)
     tmp = _tmp_sibling(path, is_dir=True)
     try:
         with writing(path):
             yield tmp
+        if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+            return  # tmp now holds the old tree: the finally deletes it
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -43,13 +43,12 @@ def batch(seed: int = 1, B: int = 4, T: int = SEQ):
 
 
 def schedule(optimizer, step: int, total: int = 10) -> None:
-    """What the pretrain loop does between steps: LR multiplier, Muon momentum and weight decay."""
-    frac = 1.0 - step / total
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * frac
-        if group["kind"] == "muon":
-            group["momentum"] = 0.85 + 0.1 * min(1.0, step / 3)
-            group["weight_decay"] = 0.1 * frac
+    """What the pretrain loop does between steps, with the real functions it calls (nanopipe.stages.pretrain):
+    the LR multiplier (here no warmup and a warmdown over all `total` steps to 0: 1 - step / total),
+    Muon's momentum ramp and the weight decay 0.1 x (1 - step / total)."""
+    from nanopipe.train.schedules import apply_schedule, lr_multiplier, muon_momentum
+
+    apply_schedule(optimizer, lr_multiplier(step, total, 0.0, 1.0, 0.0), muon_momentum(step), 0.1 * (1 - step / total))
 
 
 def train_steps(model, optimizer, steps: int, start: int = 0, next_batch=None) -> list[float]:

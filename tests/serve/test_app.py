@@ -15,7 +15,7 @@ from fastapi import Request
 
 from nanopipe.inference.engine import Engine, TextStream
 from nanopipe.serving.app import create_app, render_prompt, run_in_thread
-from helpers import make_cfg
+from helpers import make_cfg, require_tool
 from serve_doubles import (ASSISTANT_END, BOS, ChatByteTokenizer, byte_level_tokenizer, scripted_reply_model,
                            suppress_terminators, tiny_gpt)
 
@@ -421,11 +421,12 @@ def _chromium():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
 def test_ui_selftest_in_headless_chromium(gpt_model, tmp_path):
     """Opens /?selftest=1 in headless Chromium: the page drives its own UI (health check, slash
     commands, streaming, regenerate, edit & resend, /clear, new conversation, also mid-stream)
-    against a live server and POSTs its PASS/FAIL report to a route this test adds."""
+    against a live server and POSTs its PASS/FAIL report to a route this test adds.
+    Skipped without Chromium, except under CI=true, where that fails."""
+    require_tool("chromium", "Debian: apt-get install -y chromium; .ci/run does", found=_chromium() is not None)
     app = create_app(gpt_model, ChatByteTokenizer(), serve_cfg(max_batch=16, temperature=0.0))
     reports = queue.Queue()
 
