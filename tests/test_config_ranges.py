@@ -92,7 +92,7 @@ RANGES = {
     "pretrain.device_batch_size": at_least(1),
     "pretrain.total_batch_size": minus_one_or_at_least(1),
     "pretrain.target_flops": ([-1.0, 0.0, 1e18], [NAN, INF, -INF]),
-    "pretrain.target_param_data_ratio": positive(),
+    "pretrain.target_param_data_ratio": ([-1.0, TINY, 8.25], [0.0, -0.5, -2.0, NAN, INF]),  # -1: no ratio horizon
     "pretrain.embedding_lr": positive(),
     "pretrain.unembedding_lr": positive(),
     "pretrain.matrix_lr": positive(),
