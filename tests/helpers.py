@@ -67,3 +67,19 @@ def require_tool(name: str, install_hint: str, found=None):
     if os.environ.get("CI"):
         pytest.fail(f"CI must run this test: {name} is missing ({install_hint})")
     pytest.skip(f"{name} is not available here ({install_hint})")
+
+
+def require_module(name: str, install_hint: str = "pip install -e '.[dev]'"):
+    """The module `name`, imported; where it cannot be imported the calling test (or, at module level, the
+    test module) is skipped, but fails under CI=true: CI installs every dev dependency, so a missing one
+    there is a broken install, never a green skip (pytest.importorskip would skip silently)."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run this test: cannot import {name} ({e}; {install_hint})", pytrace=False)
+        pytest.skip(f"{name} is not available here ({e}; {install_hint})", allow_module_level=True)

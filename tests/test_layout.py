@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import require_module
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -279,7 +280,7 @@ def test_foundations_exist():
 
 
 def test_import_contracts():
-    pytest.importorskip("importlinter")
+    require_module("importlinter")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(SRC), os.environ.get("PYTHONPATH")] if p)}
     p = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; lint_imports_command()",
                         "--no-cache"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 import torch
+from helpers import require_module
 
 from nanopipe.eval.core import (
     SOURCE_FILE,
@@ -210,7 +211,7 @@ UPSTREAM_LM = """
 
 
 def upstream_prompts(task_type, item, delim, shots):
-    jinja2 = pytest.importorskip("jinja2")
+    jinja2 = require_module("jinja2")
     ctx = {"fewshot_examples": shots, "continuation_delimiter": delim, "item": item}
     if task_type == "multiple_choice":
         t = jinja2.Template(UPSTREAM_MC)

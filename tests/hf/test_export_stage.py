@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from helpers import make_cfg
+from helpers import make_cfg, require_module
 from hf_fixtures import tiny_model, tiny_tokenizer
 
 from nanopipe.stage import run_stage
 from nanopipe.stages import export
 
-pytest.importorskip("transformers")
+require_module("transformers")
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,15 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, make_cfg, subprocess_env
+from helpers import REPO, make_cfg, require_module, subprocess_env
 from hf_fixtures import tiny_model, tiny_tokenizer
 
 from nanopipe.eval.core import forward_model
 from nanopipe.hf.export import export_model
 from nanopipe.inference.engine import Engine
 
-pytest.importorskip("lm_eval")
-pytest.importorskip("accelerate")
+require_module("lm_eval")
+require_module("accelerate")
 
 MC_DOCS = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), f"{a * b} apples"], "label": i % 3}
            for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1), (12, 30), (4, 4)])]

@@ -8,14 +8,14 @@ import random
 
 import pytest
 import torch
-from helpers import make_cfg
+from helpers import make_cfg, require_module
 from hf_fixtures import fuzz_text, tiny_model, tiny_tokenizer
 
 from nanopipe.data.shards import write_shard
 from nanopipe.stage import run_stage
 from nanopipe.stages import base_eval
 
-pytest.importorskip("transformers")
+require_module("transformers")
 
 DOCS = [f"Document {i}: the quick brown fox {i * 7} jumps over the lazy dog. Café, naïve, 東京. " * (1 + i % 4)
         for i in range(80)]

@@ -8,12 +8,13 @@ import random
 
 import pytest
 import torch
+from helpers import require_module
 from hf_fixtures import CONVERSATIONS, SEQ, fuzz_text, tiny_model, tiny_tokenizer
 
 from nanopipe.hf.export import ExportError, compare_logits, export_model, load_exported, load_hf, verify_export
 from nanopipe.inference.engine import Engine
 
-pytest.importorskip("transformers")
+require_module("transformers")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from fastapi import Request
 
 from nanopipe.inference.engine import Engine, TextStream
 from nanopipe.serving.app import create_app, render_prompt, run_in_thread
-from helpers import make_cfg, require_tool
+from helpers import make_cfg, require_module, require_tool
 from serve_doubles import (ASSISTANT_END, BOS, ChatByteTokenizer, byte_level_tokenizer, scripted_reply_model,
                            suppress_terminators, tiny_gpt)
 
@@ -149,7 +149,7 @@ def test_openai_http_shapes(scripted):
 
 
 def test_official_openai_client(scripted, real):
-    openai = pytest.importorskip("openai")
+    openai = require_module("openai")
     client = openai.OpenAI(base_url=f"{scripted}/v1", api_key="unused", max_retries=0)
     out = client.chat.completions.create(model="nanopipe", messages=[{"role": "user", "content": "Hello"}])
     assert out.choices[0].message.content == REPLY and out.choices[0].finish_reason == "stop"
@@ -290,7 +290,7 @@ def test_openai_shape_for_unknown_routes_and_chunked_bodies(scripted):
 
 
 def test_unknown_model_is_404_model_not_found(scripted):
-    openai = pytest.importorskip("openai")
+    openai = require_module("openai")
     client = openai.OpenAI(base_url=f"{scripted}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hello"}])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import require_module
 
 from nanopipe.serving import scheduler as sched
 from nanopipe.serving.scheduler import Request, Scheduler
@@ -266,7 +267,7 @@ async def _stream_chat(client, url, i, max_tokens):
 def test_poisoned_requests_among_16_streams_then_sigint(capsys):
     """Fuzz: every poisoned request is a 4xx in its API's error shape (OpenAI's under /v1) while
     16 streaming clients run; the 16 all finish normally, nothing is a 5xx, SIGINT stops the server."""
-    openai = pytest.importorskip("openai")
+    openai = require_module("openai")
     proc, url, log = _start_child("gpt")
     poisoned = _poisoned()
     try:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, make_cfg
+from helpers import REPO, make_cfg, make_repo_copy, run
 
-from nanopipe.eval.chat_format import PROBES, check_chat_format, format_problems
+from nanopipe.eval.chat_format import PROBES, chat_samples, format_problems
 from nanopipe.stage import run_stage
 from nanopipe.stages import sft
 from nanopipe.tasks import IDENTITY_PATH
@@ -313,20 +313,35 @@ def test_two_process_torchrun(tmp_path, tok):
 
 
 # -----------------------------------------------------------------------------
-# The real tiny preset's output (the lead's end-to-end run): does the model chat in its format?
+# A model trained through the real stages: does it chat in its format?
+
+# The smoke preset, with enough SFT (on more identity and arithmetic rows) to learn the chat format:
+# at the preset's 6 steps every probe rambles on past the token budget.
+FORMAT_SFT = ["sft.num_iterations=300", "sft.eval_every=100", "sft.save_every=-1", "sft.identity_epochs=4",
+              "sft.arithmetic_examples=400"]
+
+
+@pytest.fixture(scope="module")
+def smoke_sft_repo(tmp_path_factory):
+    """A repo copy on the smoke preset where `dvc repro sft` trained tokenizer, base and SFT models."""
+    repo = make_repo_copy(tmp_path_factory.mktemp("sft_format") / "repo", "experiment=smoke", "tracking.enabled=false",
+                          *FORMAT_SFT)
+    run(["dvc", "repro", "sft"], repo, timeout=1500)
+    return repo
 
 
 @pytest.mark.slow
-def test_tiny_sft_model_answers_in_format():
-    """Run after `dvc repro sft` with the tiny preset (or point NANOPIPE_SFT_DIR at models/sft)."""
+def test_tiny_sft_model_answers_in_format(smoke_sft_repo):
+    """Greedy replies to the probes: identity a sentence, spelling 'word:l,e,t,t,e,r,s', arithmetic ending
+    '#### <number>', each closed by <|assistant_end|>, no chat-format token leaked (chat_format.format_problems)."""
     from nanopipe.model.checkpoint import load_model
     from nanopipe.tokenizer import load_tokenizer
 
-    ckpt = Path(os.environ.get("NANOPIPE_SFT_DIR", REPO / "models/sft"))
-    tokdir = Path(os.environ.get("NANOPIPE_TOKENIZER_DIR", ckpt.parent / "tokenizer"))
-    if not (ckpt / "meta.json").exists():
-        pytest.skip(f"no SFT checkpoint at {ckpt} (run the tiny pipeline first)")
-    tokenizer = load_tokenizer(tokdir)
-    model, _ = load_model(ckpt, "cpu", "eval", tokenizer=tokenizer)
-    problems = check_chat_format(model, tokenizer)
+    tokenizer = load_tokenizer(smoke_sft_repo / "models/tokenizer")
+    model, meta = load_model(smoke_sft_repo / "models/sft", "cpu", "eval", tokenizer=tokenizer)
+    assert meta["step"] == 300
+    samples = chat_samples(model, tokenizer)
+    assert [(s["kind"], s["prompt"]) for s in samples] == PROBES
+    assert all(s["finished"] for s in samples), samples
+    problems = format_problems(samples)
     assert problems == [], "\n".join(problems)
