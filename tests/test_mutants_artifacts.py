@@ -63,15 +63,32 @@ def test_atomic_dir_replaces_the_tree_and_removes_the_old_one(tmp_path):
     assert os.listdir(fresh) == ["a"] and sorted(os.listdir(tmp_path)) == ["fresh", "model"]
 
 
-def test_old_tree_is_moved_aside_with_the_pid_in_its_name(tmp_path, monkeypatch):
+def _recorded_moves(monkeypatch) -> list:
+    moves, real = [], os.replace
+    monkeypatch.setattr(A.os, "replace", lambda a, b: (moves.append((os.path.basename(a), os.path.basename(b))), real(a, b))[1])
+    return moves
+
+
+def test_old_tree_is_swapped_out_in_one_call_where_the_kernel_can(tmp_path, monkeypatch):
     d = tmp_path / "m"
     d.mkdir()
-    moves = []
-    real = os.replace
-    monkeypatch.setattr(A.os, "replace", lambda a, b: (moves.append((os.path.basename(a), os.path.basename(b))), real(a, b))[1])
+    (d / "old").write_text("o")
+    moves = _recorded_moves(monkeypatch)
+    with A.atomic_dir(d) as tmp:
+        (tmp / "new").write_text("n")
+    assert moves == [] and sorted(p.name for p in d.iterdir()) == ["new"]  # renameat2 exchange, no rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the old tree is gone
+
+
+def test_without_the_exchange_the_old_tree_is_moved_aside_with_the_pid_in_its_name(tmp_path, monkeypatch):
+    d = tmp_path / "m"
+    d.mkdir()
+    monkeypatch.setattr(A, "_exchange", lambda a, b: False)  # a kernel or file system that cannot swap
+    moves = _recorded_moves(monkeypatch)
     with A.atomic_dir(d) as tmp:
         pass
     assert moves[0] == ("m", f".m.old-{os.getpid()}") and moves[1] == (tmp.name, "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
