@@ -69,6 +69,7 @@ def test_old_tree_is_moved_aside_with_the_pid_in_its_name(tmp_path, monkeypatch)
     moves = []
     real = os.replace
     monkeypatch.setattr(A.os, "replace", lambda a, b: (moves.append((os.path.basename(a), os.path.basename(b))), real(a, b))[1])
+    monkeypatch.setattr(A, "_exchange", lambda a, b: False)  # the fallback: no renameat2 RENAME_EXCHANGE here
     with A.atomic_dir(d) as tmp:
         pass
     assert moves[0] == ("m", f".m.old-{os.getpid()}") and moves[1] == (tmp.name, "m")
