@@ -56,20 +56,24 @@ def test_bad_value_and_need():
     assert f.default == MISSING and f.metadata["expected"] == "anything" and f.metadata["ok"] is ok
 
 
-@pytest.mark.parametrize("helper,expected,inside,outside", [
-    (C.one_of("a", "bc"), "one of a, bc", ["a", "bc"], ["", "b", "A"]),
-    (C.at_least(2), ">= 2", [2, 3, 1e300], [1, 1.999, INF, NAN, -INF]),
-    (C.at_least(0), ">= 0", [0, 0.0], [-1e-12, INF, NAN]),
-    (C.positive(), "> 0 and finite", [1e-300, 1, 7.5], [0, 0.0, -1e-12, INF, NAN]),
-    (C.fraction(), "in [0, 1]", [0, 0.5, 1], [-1e-12, 1 + 1e-9, NAN, INF]),
-    (C.beta(), "in [0, 1) (an EMA decay)", [0, 0.9999], [1, -1e-12, NAN, 1.5]),
-    (C.finite(), "a finite number (<= 0: off)", [-5.0, 0, 1e18], [NAN, INF, -INF]),
-    (C.nonfinite_tolerance(), ">= 0 (0: a non-finite loss stops the stage; N: up to N such steps are skipped)",
+# the helpers are called inside the test (not in the parametrize list, which runs at collection) so that
+# mutation testing sees their mutants
+@pytest.mark.parametrize("helper,args,expected,inside,outside", [
+    ("one_of", ("a", "bc"), "one of a, bc", ["a", "bc"], ["", "b", "A"]),
+    ("at_least", (2,), ">= 2", [2, 3, 1e300], [1, 1.999, INF, NAN, -INF]),
+    ("at_least", (0,), ">= 0", [0, 0.0], [-1e-12, INF, NAN]),
+    ("positive", (), "> 0 and finite", [1e-300, 1, 7.5], [0, 0.0, -1e-12, INF, NAN]),
+    ("fraction", (), "in [0, 1]", [0, 0.5, 1], [-1e-12, 1 + 1e-9, NAN, INF]),
+    ("beta", (), "in [0, 1) (an EMA decay)", [0, 0.9999], [1, -1e-12, NAN, 1.5]),
+    ("finite", (), "a finite number (<= 0: off)", [-5.0, 0, 1e18], [NAN, INF, -INF]),
+    ("nonfinite_tolerance", (), ">= 0 (0: a non-finite loss stops the stage; N: up to N such steps are skipped)",
      [0, 1, 5], [-1, -0.5]),
-    (C.every_or_off(), "-1 (off) or >= 1", [-1, 1, 2], [0, -2, 0.5]),
+    ("every_or_off", (), "-1 (off) or >= 1", [-1, 1, 2], [0, -2, 0.5]),
 ])
-def test_range_helpers(helper, expected, inside, outside):
-    exp, ok = check(helper)
+def test_range_helpers(helper, args, expected, inside, outside):
+    f = getattr(C, helper)(*args)
+    assert f.default == MISSING
+    exp, ok = check(f)
     assert exp == expected
     assert [bool(ok(v)) for v in inside] == [True] * len(inside)
     assert [bool(ok(v)) for v in outside] == [False] * len(outside)
@@ -170,6 +174,7 @@ def test_select(base):
                                            "data": {"embedded": {"max_chars": base["data"]["embedded"]["max_chars"]}}}
     with pytest.raises(ReadonlyConfigError):
         out.model.depth = 1
+    assert OmegaConf.is_struct(out) and OmegaConf.is_readonly(out)
     with pytest.raises(Exception):  # struct: no new keys, not even read
         out.pretrain
     assert error(C.select, cfg, ["model", "model.nope"]) == \
@@ -203,10 +208,26 @@ def test_load_config_bad_files(tmp_path):
     assert error(C.load_config, [], p) == \
         f"{p}: not valid YAML at line 1, column 5 (mapping values are not allowed here); {REGENERATE}"
     p.write_text("a: 1\nb: [1, 2\n")
-    msg = error(C.load_config, [], p)
-    assert msg.startswith(f"{p}: not valid YAML at line 3, column 1 (") and msg.endswith(f"); {REGENERATE}")
+    assert error(C.load_config, [], p) == \
+        f"{p}: not valid YAML at line 3, column 1 (expected ',' or ']', but got '<stream end>'); {REGENERATE}"
     d = tmp_path / "dir.yaml"
     d.mkdir()
     assert error(C.load_config, [], d) == f"{d}: cannot be read (Is a directory)"
     assert error(C.load_config, [], Path("no/such/params.yaml")) == \
         f"{Path('no/such/params.yaml').resolve()} not found. Run from the repo root, or create it with `nanopipe compose`."
+
+
+def test_load_config_reads_params_yaml_of_the_working_directory(params, base, monkeypatch):
+    monkeypatch.chdir(params.parent)
+    assert OmegaConf.to_container(C.load_config([])) == base
+
+
+def test_load_config_names_the_file_alone_without_overrides(params):
+    params.write_text(params.read_text().replace("val_shard: 3\n", "val_shard: 99\n", 1))
+    assert error(C.load_config, [], params) == \
+        "params.yaml: `data.val_shard` = 99: expected an index in [0, data.total_shards=4)"
+
+
+def test_compose_conf_reads_conf_of_the_working_directory(base, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert OmegaConf.to_container(C.compose_conf([])) == base
