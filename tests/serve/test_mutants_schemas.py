@@ -1,0 +1,265 @@
+"""Request validation pinned to its definition (serving/schemas.py, docs/testing.md): each limit at
+its boundary, the exact message and `param` of every refusal (the text the client sees in OpenAI's
+error body), the order of the checks, and the folding of system text into the first user message."""
+import pytest
+
+from nanopipe.serving.schemas import (ChatRequest, InvalidRequest, OpenAIChatRequest, openai_conversation,
+                                      render_prompt, validate_chat, validate_conversation, validate_openai,
+                                      validate_sampling, _encodable, _message_text)
+
+
+def _err(fn, *args, **kw):
+    with pytest.raises(InvalidRequest) as e:
+        fn(*args, **kw)
+    return e.value
+
+
+def _openai(**kw):
+    kw.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return OpenAIChatRequest(**kw)
+
+
+# InvalidRequest
+
+def test_invalid_request_defaults_and_fields():
+    e = InvalidRequest("m")
+    assert (e.message, e.param, e.status, e.code, str(e)) == ("m", None, 400, None, "m")
+    e = InvalidRequest("m", "p", 404, "model_not_found")
+    assert (e.message, e.param, e.status, e.code) == ("m", "p", 404, "model_not_found")
+
+
+# validate_conversation
+
+def test_empty_conversation():
+    e = _err(validate_conversation, [])
+    assert (e.message, e.param, e.status) == ("At least one message is required", "messages", 400)
+    assert _err(validate_conversation, [], field="msgs").param == "msgs"
+
+
+def test_message_count_limit():
+    validate_conversation([("user", "a")] * 500)
+    e = _err(validate_conversation, [("user", "a")] * 501)
+    assert (e.message, e.param) == ("Too many messages. Maximum 500 messages allowed per request", "messages")
+
+
+def test_empty_content():
+    e = _err(validate_conversation, [("user", "a"), ("assistant", "")])
+    assert (e.message, e.param) == ("Message 1 has empty content", "messages[1].content")
+    assert _err(validate_conversation, [("user", "")], field="f").param == "f[0].content"
+
+
+def test_message_length_limit():
+    validate_conversation([("user", "x" * 8000)])
+    e = _err(validate_conversation, [("user", "a"), ("user", "x" * 8001)])
+    assert (e.message, e.param) == ("Message 1 is too long. Maximum 8000 characters allowed per message",
+                                    "messages[1].content")
+    assert _err(validate_conversation, [("user", "x" * 8001)], field="f").param == "f[0].content"
+
+
+def test_lone_surrogate():
+    assert _encodable("héllo ☃") is True
+    assert _encodable("a\ud800b") is False
+    e = _err(validate_conversation, [("user", "ok"), ("user", "a\ud800")])
+    assert (e.message, e.param) == ("Message 1 is not valid Unicode (it holds a lone UTF-16 surrogate)",
+                                    "messages[1].content")
+    assert _err(validate_conversation, [("user", "\udfff")], field="f").param == "f[0].content"
+
+
+def test_total_length_limit():
+    validate_conversation([("user", "x" * 8000)] * 4)  # exactly 32000
+    e = _err(validate_conversation, [("user", "x" * 8000)] * 4 + [("user", "y")])
+    assert (e.message, e.param) == ("Total conversation is too long. Maximum 32000 characters allowed", "messages")
+    assert _err(validate_conversation, [("user", "x" * 8000)] * 4 + [("user", "y")], field="f").param == "f"
+
+
+def test_roles():
+    validate_conversation([("user", "a"), ("assistant", "b")])
+    e = _err(validate_conversation, [("user", "a"), ("system", "b")])
+    assert (e.message, e.param) == ("Message 1 has invalid role. Must be one of 'user', 'assistant'",
+                                    "messages[1].role")
+    e = _err(validate_conversation, [("bot", "a")], roles=("a", "b", "c"), field="f")
+    assert (e.message, e.param) == ("Message 0 has invalid role. Must be one of 'a', 'b', 'c'", "f[0].role")
+
+
+def test_order_length_checks_before_roles():
+    # every content is checked before any role; the total before the roles
+    e = _err(validate_conversation, [("bot", "a"), ("user", "")])
+    assert e.message == "Message 1 has empty content"
+    e = _err(validate_conversation, [("bot", "x" * 8000)] * 4 + [("user", "y")])
+    assert e.message.startswith("Total conversation is too long")
+
+
+# validate_sampling
+
+@pytest.mark.parametrize("t", [0.0, 0, 1.0, 2.0, 2])
+def test_temperature_in_range(t):
+    validate_sampling(t, None, None)
+
+
+@pytest.mark.parametrize("t", [-0.001, 2.001, float("nan"), float("inf")])
+def test_temperature_out_of_range(t):
+    e = _err(validate_sampling, t, None, None)
+    assert (e.message, e.param) == ("Temperature must be between 0.0 and 2.0", "temperature")
+
+
+def test_top_k_range():
+    for k in (0, 200):
+        validate_sampling(None, k, None)
+    for k in (-1, 201):
+        e = _err(validate_sampling, None, k, None)
+        assert (e.message, e.param) == ("top_k must be between 0 and 200", "top_k")
+
+
+def test_max_tokens_range():
+    for m in (1, 4096):
+        validate_sampling(None, None, m)
+    for m in (0, 4097):
+        e = _err(validate_sampling, None, None, m)
+        assert (e.message, e.param) == ("max_tokens must be between 1 and 4096", "max_tokens")
+    e = _err(validate_sampling, None, None, 0, "max_completion_tokens")
+    assert (e.message, e.param) == ("max_completion_tokens must be between 1 and 4096", "max_completion_tokens")
+
+
+def test_sampling_none_is_default():
+    validate_sampling(None, None, None)
+
+
+def test_sampling_order():
+    assert _err(validate_sampling, 3.0, 999, 0).param == "temperature"
+    assert _err(validate_sampling, 1.0, 999, 0).param == "top_k"
+
+
+# validate_chat
+
+def test_validate_chat():
+    body = ChatRequest(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                       temperature=0.5, top_k=3, max_tokens=7)
+    assert validate_chat(body) == [("user", "a"), ("assistant", "b")]
+    body = ChatRequest(messages=[{"role": "system", "content": "a"}])
+    assert _err(validate_chat, body).param == "messages[0].role"
+    body = ChatRequest(messages=[{"role": "user", "content": "a"}], temperature=5)
+    assert _err(validate_chat, body).param == "temperature"
+    assert _err(validate_chat, ChatRequest(messages=[{"role": "user", "content": "a"}], top_k=-1)).param == "top_k"
+    e = _err(validate_chat, ChatRequest(messages=[{"role": "user", "content": "a"}], max_tokens=0))
+    assert e.param == "max_tokens"
+
+
+# _message_text / openai_conversation
+
+def test_message_text():
+    assert _message_text(0, "abc") == "abc"
+    assert _message_text(0, None) == ""
+    assert _message_text(0, []) == ""
+    assert _message_text(0, [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == "ab"
+    e = _err(_message_text, 2, [{"type": "text", "text": "a"}, {"type": "image_url", "text": "x"}])
+    assert (e.message, e.param) == ("Message 2 content part 1: only text parts are supported",
+                                    "messages[2].content[1]")
+    e = _err(_message_text, 0, [{"type": "text", "text": 5}])
+    assert (e.message, e.param) == ("Message 0 content part 0: only text parts are supported",
+                                    "messages[0].content[0]")
+    assert _err(_message_text, 0, [{"text": "a"}]).param == "messages[0].content[0]"
+    assert _err(_message_text, 0, [{"type": "text"}]).param == "messages[0].content[0]"
+
+
+def _conv(*msgs):
+    return openai_conversation(_openai(messages=[{"role": r, "content": c} for r, c in msgs]))
+
+
+def test_openai_conversation_folding():
+    assert _conv(("user", "u")) == [("user", "u")]
+    assert _conv(("system", "s"), ("user", "u"), ("assistant", "a")) == [("user", "s\n\nu"), ("assistant", "a")]
+    assert _conv(("developer", "d"), ("system", "s"), ("assistant", "a"), ("user", "u"), ("user", "v")) == \
+        [("assistant", "a"), ("user", "d\n\ns\n\nu"), ("user", "v")]
+    assert _conv(("assistant", "a"), ("system", "s")) == [("user", "s"), ("assistant", "a")]
+    assert _conv(("system", "s")) == [("user", "s")]
+
+
+def test_openai_conversation_validation():
+    e = _err(_conv, ("tool", "x"))
+    assert (e.message, e.param) == (
+        "Message 0 has invalid role. Must be one of 'system', 'developer', 'user', 'assistant'", "messages[0].role")
+    e = _err(openai_conversation, _openai(messages=[{"role": "user"}]))
+    assert (e.message, e.param) == ("Message 0 has empty content", "messages[0].content")
+    e = _err(openai_conversation, _openai(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
+    assert e.param == "messages[0].content[0]"
+
+
+# validate_openai
+
+def test_validate_openai_defaults():
+    assert validate_openai(_openai()) == ([("user", "hi")], None)
+    assert validate_openai(_openai(n=1, top_p=1, stop=[], logit_bias={}, presence_penalty=0, frequency_penalty=0.0,
+                                   logprobs=False, top_logprobs=0, seed=5)) == ([("user", "hi")], None)
+
+
+def test_validate_openai_max_tokens():
+    assert validate_openai(_openai(max_tokens=9))[1] == 9
+    assert validate_openai(_openai(max_tokens=9, max_completion_tokens=11))[1] == 11
+    assert validate_openai(_openai(max_completion_tokens=4096))[1] == 4096
+    e = _err(validate_openai, _openai(max_tokens=9, max_completion_tokens=0))
+    assert (e.message, e.param) == ("max_completion_tokens must be between 1 and 4096", "max_completion_tokens")
+    e = _err(validate_openai, _openai(max_tokens=0))
+    assert (e.message, e.param) == ("max_tokens must be between 1 and 4096", "max_tokens")
+    assert _err(validate_openai, _openai(temperature=-1)).param == "temperature"
+    assert _err(validate_openai, _openai(top_k=201)).param == "top_k"
+
+
+def test_validate_openai_seed():
+    for s in (-2**63, 0, 2**63 - 1):
+        validate_openai(_openai(seed=s))
+    for s in (-2**63 - 1, 2**63):
+        e = _err(validate_openai, _openai(seed=s))
+        assert (e.message, e.param) == (
+            "seed must be an integer between -9223372036854775808 and 9223372036854775807", "seed")
+
+
+@pytest.mark.parametrize("kw, message, param", [
+    ({"n": 2}, "n must be 1 (one choice per request)", "n"),
+    ({"n": 0}, "n must be 1 (one choice per request)", "n"),
+    ({"top_p": 0.9}, "top_p is not supported (use top_k); leave it unset or 1", "top_p"),
+    ({"top_p": 0}, "top_p is not supported (use top_k); leave it unset or 1", "top_p"),
+    ({"stop": "x"}, "stop sequences are not supported; the model stops at <|assistant_end|>", "stop"),
+    ({"stop": ["x"]}, "stop sequences are not supported; the model stops at <|assistant_end|>", "stop"),
+    ({"logit_bias": {"1": 2}}, "logit_bias is not supported; leave it unset or empty", "logit_bias"),
+    ({"presence_penalty": 0.5}, "presence_penalty is not supported; leave it unset or 0", "presence_penalty"),
+    ({"frequency_penalty": -1}, "frequency_penalty is not supported; leave it unset or 0", "frequency_penalty"),
+    ({"logprobs": True}, "logprobs are not supported; leave logprobs unset or false", "logprobs"),
+    ({"top_logprobs": 2}, "logprobs are not supported; leave top_logprobs unset or 0", "top_logprobs"),
+])
+def test_validate_openai_refusals(kw, message, param):
+    e = _err(validate_openai, _openai(**kw))
+    assert (e.message, e.param, e.status, e.code) == (message, param, 400, None)
+
+
+def test_validate_openai_order():
+    every = dict(seed=2**63, n=2, top_p=0.5, stop="x", logit_bias={"1": 1}, presence_penalty=1,
+                 frequency_penalty=1, logprobs=True, top_logprobs=1)
+    order = ["seed", "n", "top_p", "stop", "logit_bias", "presence_penalty", "frequency_penalty", "logprobs",
+             "top_logprobs"]
+    assert _err(validate_openai, _openai(max_tokens=0, **every)).param == "max_tokens"
+    assert _err(validate_openai, _openai(messages=[], max_tokens=0, **every)).param == "messages"
+    for name in order:
+        assert _err(validate_openai, _openai(**every)).param == name
+        del every[name]
+    validate_openai(_openai(**every))
+
+
+# render_prompt
+
+class _Tok:
+    SPECIAL = {"<|user_start|>": 101, "<|user_end|>": 102, "<|assistant_start|>": 103, "<|assistant_end|>": 104}
+
+    def encode_special(self, s):
+        return self.SPECIAL[s]
+
+    def get_bos_token_id(self):
+        return 100
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def test_render_prompt():
+    ids = render_prompt(_Tok(), [("user", "ab"), ("assistant", "c"), ("user", "d")])
+    assert ids == [100, 101, 97, 98, 102, 103, 99, 104, 101, 100, 102, 103]
+    assert render_prompt(_Tok(), []) == [100, 103]
