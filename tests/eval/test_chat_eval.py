@@ -178,12 +178,7 @@ def test_fixture_datasets_drive_arc_and_mmlu_through_the_hub_loader(hf_dir):
 
 def test_stage_end_to_end_offline(tmp_path, hf_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    texts = ["How many r are in the word strawberry? #### 3", "Multiple Choice question: Which? - A=1 - B=2"] * 50
-    tok = Tokenizer.train_from_iterator(iter(texts), 300)
-    tok.save(paths.TOKENIZER)
-    torch.manual_seed(0)
-    model = create_model(config_from_depth(1, tok.get_vocab_size(), 64, 64, 64, "L"), "cpu")
-    save_checkpoint(paths.CHECKPOINTS["sft"], model, None, {"step": 7}, save_rng=False)
+    _tiny_sft(tmp_path, ["How many r are in the word strawberry? #### 3", "Multiple Choice question: Which? - A=1 - B=2"])
     tasks = "[ARC-Easy,ARC-Challenge,GSM8K,SpellingBee,Arithmetic]"
     cfg = make_cfg("experiment=smoke", "tracking.enabled=false", "runtime.device=cpu", "runtime.threads=1",
                    f"chat_eval.tasks={tasks}", "chat_eval.sources=[sft,rl]", "chat_eval.max_problems=2",
@@ -203,9 +198,9 @@ def test_stage_end_to_end_offline(tmp_path, hf_dir, monkeypatch):
     assert "ARC-Challenge: unavailable" in section and "Skipped" in section and "not the six standard tasks" in section
 
 
-def _tiny_sft(tmp_path):
-    texts = ["def f(x):\n    return x + 1\n", "How many r are in the word strawberry? #### 3"] * 50
-    tok = Tokenizer.train_from_iterator(iter(texts), 300)
+def _tiny_sft(tmp_path, texts=("def f(x):\n    return x + 1\n", "How many r are in the word strawberry? #### 3")):
+    """A tokenizer fitted on `texts` and an untrained depth-1 model saved as models/sft (step 7)."""
+    tok = Tokenizer.train_from_iterator(iter(list(texts) * 50), 300)
     tok.save(paths.TOKENIZER)
     torch.manual_seed(0)
     model = create_model(config_from_depth(1, tok.get_vocab_size(), 64, 64, 64, "L"), "cpu")
