@@ -107,6 +107,17 @@ def chat_logprob(tokenizer, token, lp):
             "top_logprobs": top}
 
 
+def legacy_token(tokenizer, token):
+    """A token as the legacy shape names it: its text, or "bytes:\\xe2\\x82" when its bytes are not
+    valid UTF-8 on their own (part of a character), as OpenAI writes such tokens; so the
+    alternatives in top_logprobs never collide."""
+    raw = tokenizer.id_to_bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 class LegacyLogprobs:
     """A completions choice's {tokens, token_logprobs, top_logprobs, text_offset}, built a token at a time."""
 
@@ -115,18 +126,14 @@ class LegacyLogprobs:
         self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = [], [], [], []
 
     def add(self, token, lp, start):
-        self.tokens.append(self.tokenizer.decode([token]))
+        self.tokens.append(legacy_token(self.tokenizer, token))
         self.text_offset.append(self.offset + start)
         if lp is None:  # the first prompt token: nothing before it to score it by
             self.token_logprobs.append(None)
             self.top_logprobs.append(None)
             return
         self.token_logprobs.append(float(lp["logprob"]))
-        top = {}
-        for t, v in lp["top"]:  # tokens that decode alike (parts of one character) keep the best
-            key = self.tokenizer.decode([t])
-            top[key] = max(float(v), top.get(key, float("-inf")))
-        self.top_logprobs.append(top)
+        self.top_logprobs.append({legacy_token(self.tokenizer, t): float(v) for t, v in lp["top"]})
 
     def take(self):
         """The entries added since the last take (a stream sends each once)."""
