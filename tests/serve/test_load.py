@@ -161,6 +161,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~20 s: a server process starts
 def test_sigterm_mid_stream_ends_the_stream_well_formed():
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
