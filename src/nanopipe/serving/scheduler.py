@@ -581,6 +581,8 @@ class Scheduler:
                   logprobs, prompt_logprobs):
         if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) for t in prompt):
             raise ValueError("prompt must be a non-empty list of token ids")
+        if not all(0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size})")
         if len(prompt) >= self.context_length:
             raise ValueError(f"prompt is {len(prompt)} tokens; the model context is {self.context_length} tokens")
         if not isinstance(prompt_logprobs, bool):
