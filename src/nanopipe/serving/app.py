@@ -54,7 +54,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 
 from nanopipe.config import bad_value
@@ -72,6 +72,9 @@ logger = logging.getLogger("nanopipe.serve")
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 SWAGGER_UI = Path(__file__).parent / "static" / "swagger-ui"  # swagger-ui-dist, vendored (its README.md)
+# the files served from it, licenses included, and their media types
+SWAGGER_UI_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "LICENSE": "text/plain",
+                    "NOTICE": "text/plain", "swagger-ui-bundle.js.LICENSE.txt": "text/plain", "README.md": "text/markdown"}
 
 
 def worker_models(model, workers=0):
@@ -160,7 +163,11 @@ def create_app(model, tokenizer, cfg, scheduler=None, dtype=None):
 
 def add_docs(app):
     """/docs: Swagger UI from the package's own copy (works offline), favicon the chat logo."""
-    app.mount("/static/swagger-ui", StaticFiles(directory=SWAGGER_UI), name="swagger-ui")
+    @app.get("/static/swagger-ui/{name}", include_in_schema=False)
+    async def swagger_ui_file(name: str):
+        if name not in SWAGGER_UI_FILES:
+            raise HTTPException(404, f"no file {name!r} here")
+        return FileResponse(SWAGGER_UI / name, media_type=SWAGGER_UI_FILES[name])
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
