@@ -1,7 +1,7 @@
 """Request bodies and their validation, shared by the chat routers.
 
 The pydantic models of nanochat's chat request (POST /chat/completions) and of OpenAI's chat
-completions request (POST /v1/chat/completions); the abuse limits (nanochat's) and the checks
+completions and completions requests (POST /v1/chat/completions, /v1/completions); the abuse limits (nanochat's) and the checks
 that enforce them, in nanochat's order; OpenAI messages folded into nanochat's (role, text)
 conversation; and the chat prompt rendering. Out-of-range values are rejected, never clamped:
 every failed check raises InvalidRequest naming the offending field, which the app renders in
@@ -12,6 +12,11 @@ for a seed) and, where the sampler or the server has a limit, its range is check
 field's type cannot hold fail schema validation (FastAPI's 422 on nanochat's API, a 400 naming
 the field on /v1); values of the right type outside their range fail the checks below (400).
 The body itself is bounded by MAX_BODY_BYTES (413) before any of this runs (guard.py).
+
+An OpenAI field the server cannot honour (tools, response_format other than text, logit_bias,
+...) and any field OpenAI does not define are refused with a 400 naming them, never ignored
+(UNSUPPORTED, docs/decisions.md D14); validate_openai / validate_completion return the checked
+sampling parameters as a Sampling.
 """
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Optional, Union
@@ -114,7 +119,8 @@ class OpenAICompletionRequest(OpenAIRequest):
 
 class InvalidRequest(Exception):
     """A request the server refuses: `message` for the client, `param` the offending field, HTTP
-    `status`, OpenAI's error `code` (model_not_found, ...) if any."""
+    `status`, OpenAI's error `code` (model_not_found, ...) if any, its `type_` and extra response
+    `headers` (Retry-After of a 429)."""
 
     def __init__(self, message, param=None, status=400, code=None, type_="invalid_request_error", headers=None):
         super().__init__(message)
