@@ -13,6 +13,7 @@ guard.py          the body guard (JSON, UTF-8, size) and the error handlers of l
 state.py          ServerState (scheduler, tokenizer, serve config, API key) and its FastAPI dependency
 streaming.py      decode-thread events into the event loop, UTF-8-safe text deltas, SSE framing
 scheduler.py      continuous batching: a decode thread per model copy, many requests per step
+sampling.py       the scheduler's batched sampler (temperature, top-k/p, penalties, counter-based seeds)
 ui.html, logo.svg the web UI
 static/swagger-ui Swagger UI for /docs (vendored, so it works offline)
 

@@ -31,7 +31,7 @@ client that hangs up has its slots freed at once. CORS is off unless `serve.cors
 with credentials). Shutdown (Ctrl-C / SIGTERM) gives requests in flight `serve.shutdown_timeout`
 seconds, then cuts them and stops the workers (at most STOP_JOIN_S more): it always ends. A /v1
 stream still in flight just before the grace period ends is ended by the server itself with an
-error event and data: [DONE] (DrainingServer tells the routes when the shutdown began; D14).
+error event and data: [DONE] (DrainingServer tells the routes when the shutdown began; D15).
 
 This module holds the factory (create_app: the scheduler over one model copy per GPU, the
 per-app ServerState, the body guard, CORS, the error handlers, the routers) and the ways to

@@ -21,7 +21,7 @@ JSON or not UTF-8 (guard.py), 429 rate_limit_exceeded with Retry-After when serv
 requests already wait, 408 request_timeout after serve.request_timeout seconds, 503 while loading,
 with no decode worker alive or once the shutdown's grace period is over, 500 if this request's
 generation fails. A stream that fails, times out or is cut by the shutdown ends with an error
-event ({"error": {...}}) and data: [DONE]; the slots are freed either way (docs/decisions.md, D14).
+event ({"error": {...}}) and data: [DONE]; the slots are freed either way (docs/decisions.md, D15).
 A non-streaming request whose client hangs up is cancelled at once.
 """
 import asyncio

@@ -1,5 +1,5 @@
 """
-Continuous batching: many requests decode together on one model copy.
+Continuous batching: many requests decode together on one model copy (docs/decisions.md, D14).
 
 A Worker owns one model copy, one KV cache of `max_batch` slots whose rows sit at their own
 positions (KVCache(per_row=True), D14) and a background thread running the decode loop:

@@ -15,7 +15,7 @@ The body itself is bounded by MAX_BODY_BYTES (413) before any of this runs (guar
 
 An OpenAI field the server cannot honour (tools, response_format other than text, logit_bias,
 ...) and any field OpenAI does not define are refused with a 400 naming them, never ignored
-(UNSUPPORTED, docs/decisions.md D14); validate_openai / validate_completion return the checked
+(UNSUPPORTED, docs/decisions.md D15); validate_openai / validate_completion return the checked
 sampling parameters as a Sampling.
 """
 from dataclasses import dataclass, field

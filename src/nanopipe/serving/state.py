@@ -79,7 +79,7 @@ class ServerState:
     def shutdown_at(self):
         """When requests in flight are cut for the shutdown (time.monotonic()), or None: half a
         second before uvicorn's grace period (serve.shutdown_timeout) ends, so that each stream
-        still gets to send its error event and [DONE] (docs/decisions.md, D14)."""
+        still gets to send its error event and [DONE] (docs/decisions.md, D15)."""
         if self.shutdown_started is None:
             return None
         return self.shutdown_started + max(0.0, float(self.cfg.shutdown_timeout) - 0.5)
@@ -110,7 +110,7 @@ class ServerState:
     def encode_text(self, text, add_special_tokens=True):
         """Text -> token ids as an HF tokenizer (and vLLM) does for raw completions: special-token
         text (<|bos|>, ...) becomes the special token, and add_special_tokens puts <|bos|> first
-        (docs/decisions.md, D14). The chat routes never do this: a message's text is only ever text."""
+        (docs/decisions.md, D15). The chat routes never do this: a message's text is only ever text."""
         specials = sorted(self.tokenizer.get_special_tokens(), key=len, reverse=True)
         ids = [self.tokenizer.get_bos_token_id()] if add_special_tokens else []
         pattern = "(" + "|".join(re.escape(s) for s in specials) + ")"
