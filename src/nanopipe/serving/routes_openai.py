@@ -7,12 +7,13 @@
 
 Both generating routes take n (choice i seeded with seed + i), stop (up to 4 strings, matched in
 the decoded text across token boundaries, never emitted; choices.py), temperature, top_p, top_k
-(extension), presence/frequency penalties, seed, max_tokens (chat: also max_completion_tokens),
-stream and stream_options.include_usage. Logprobs are the model's raw distribution (before
-temperature, top-k/p and penalties): chat's logprobs/top_logprobs in OpenAI's
-`choices[i].logprobs.content` shape, completions' integer `logprobs` in the legacy shape
-{tokens, token_logprobs, top_logprobs, text_offset}; with echo, the prompt's tokens come first
-(the first one has no logprob), and max_tokens 0 with echo and logprobs only scores the prompt.
+(extension), presence/frequency penalties, seed, max_tokens (chat: also max_completion_tokens;
+unset: serve.max_tokens), stream, stream_options.include_usage and user (logged). Logprobs are
+the model's raw distribution (before temperature, top-k/p and penalties): chat's
+logprobs/top_logprobs in OpenAI's `choices[i].logprobs.content` shape, completions' integer
+`logprobs` in the legacy shape {tokens, token_logprobs, top_logprobs, text_offset}; with echo,
+the prompt's tokens come first (the first one has no logprob), and max_tokens 0 with echo and
+logprobs only scores the prompt.
 
 Errors are OpenAI's {"error": {"message", "type", "param", "code"}}: 401 invalid_api_key, 400
 naming the field (validation; a malformed body: schema_error; any field the server cannot honour
@@ -193,13 +194,15 @@ class Job:
 
 
 def start_job(state: ServerState, kind, prompts, sampling, model, include_usage, stream, id_prefix,
-              prompt_logprobs=False):
-    """Submit every choice (n per prompt) at once; QueueFull becomes a 429 (InvalidRequest)."""
+              prompt_logprobs=False, user=None):
+    """Submit every choice (n per prompt) at once; QueueFull becomes a 429 (InvalidRequest).
+    `user` (the request's end-user id) goes into the log line."""
     n = sampling.n
     prompt_of = [p for p in range(len(prompts)) for _ in range(n)]
     specs = [state.submit_spec(prompts[p], sampling, i % n, prompt_logprobs) for i, p in enumerate(prompt_of)]
     choices = [Choice(i, state.tokenizer, sampling.stop, sampling.logprobs is not None) for i in range(len(specs))]
-    gen = state.generation(f"{kind}{' stream' if stream else ''}", prompts[0], sampling.temperature, sampling.top_k,
+    label = f"{kind}{' stream' if stream else ''}{f' (user {user!r})' if user else ''}"
+    gen = state.generation(label, prompts[0], sampling.temperature, sampling.top_k,
                            sampling.max_tokens, sampling.seed)
     job = Job(state, kind, prompts, prompt_of, choices, gen, model, include_usage,
               usage_object="chat.completion.chunk" if id_prefix == "chatcmpl-" else "text_completion",
@@ -334,7 +337,7 @@ async def chat_completions(body: OpenAIChatRequest, request: Request, state: Sta
     prompt = state.prompt(conversation)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     job = start_job(state, "v1 chat", [prompt], sampling, body.model or MODEL_NAME, include_usage, body.stream,
-                    "chatcmpl-")
+                    "chatcmpl-", user=body.user)
     tok = state.tokenizer
     if body.stream:
         return StreamingResponse(framed(job, _chat_chunks(job, sampling.logprobs is not None)),
@@ -395,7 +398,7 @@ async def completions(body: OpenAICompletionRequest, request: Request, state: St
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     scored = echo and sampling.logprobs is not None  # the prompt's tokens are scored too
     job = start_job(state, "v1 completions", prompts, sampling, body.model or MODEL_NAME, include_usage, body.stream,
-                    "cmpl-", prompt_logprobs=scored)
+                    "cmpl-", prompt_logprobs=scored, user=body.user)
     echoed = [prompt_text_and_offsets(state.tokenizer, p) if echo else ("", []) for p in prompts]
     if body.stream:
         return StreamingResponse(framed(job, _completion_chunks(job, echoed, sampling.logprobs)),

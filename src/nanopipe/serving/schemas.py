@@ -95,7 +95,7 @@ class OpenAIRequest(BaseModel):
     seed: Int = None
     presence_penalty: Float = None
     frequency_penalty: Float = None
-    user: Optional[Annotated[StrictStr, Field(max_length=MAX_MODEL_NAME_LENGTH)]] = None  # logged
+    user: Optional[Annotated[StrictStr, Field(max_length=MAX_MODEL_NAME_LENGTH)]] = None  # in the log line
     # typed so that a wrong type is a schema error; any non-neutral value is refused (check_fields)
     logit_bias: Optional[dict[StrictStr, Union[StrictFloat, StrictInt]]] = None
 
