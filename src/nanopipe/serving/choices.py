@@ -72,9 +72,10 @@ class StopText:
 class Choice:
     """One choice's decode: token events in, (text delta, released logprob entries) out."""
 
-    def __init__(self, index, tokenizer, stops, want_logprobs):
+    def __init__(self, index, tokenizer, stops, want_logprobs, decoder=TextStream):
+        """decoder: tokens -> text deltas (push / flush), TextStream's interface."""
         self.index = index
-        self.text = TextStream(tokenizer)
+        self.text = decoder(tokenizer)
         self.stop = StopText(stops)
         self.want_logprobs = want_logprobs
         self.decoded = 0  # characters decoded so far, before the stop cut

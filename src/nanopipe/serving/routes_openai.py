@@ -36,6 +36,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
+from nanopipe.inference.engine import TextStream
 from nanopipe.serving.choices import Choice, RequestTimeout, ShuttingDown
 from nanopipe.serving.schemas import (OpenAIChatRequest, OpenAICompletionRequest, validate_completion,
                                       validate_openai)
@@ -150,7 +151,6 @@ class LegacyLogprobs:
 
 def prompt_text_and_offsets(tokenizer, prompt):
     """The prompt's text and each token's start in it (as Choice counts: characters decoded before it)."""
-    from nanopipe.inference.engine import TextStream
     stream, starts, text = TextStream(tokenizer), [], ""
     for t in prompt:
         starts.append(len(text))
@@ -159,6 +159,8 @@ def prompt_text_and_offsets(tokenizer, prompt):
 
 # -----------------------------------------------------------------------------
 # The shared machinery of both routes
+
+CHAT_DECODER = TextStream  # keep in step with streaming.text_events (the nanochat API's decoder)
 
 
 @dataclass
@@ -200,7 +202,10 @@ def start_job(state: ServerState, kind, prompts, sampling, model, include_usage,
     n = sampling.n
     prompt_of = [p for p in range(len(prompts)) for _ in range(n)]
     specs = [state.submit_spec(prompts[p], sampling, i % n, prompt_logprobs) for i, p in enumerate(prompt_of)]
-    choices = [Choice(i, state.tokenizer, sampling.stop, sampling.logprobs is not None) for i in range(len(specs))]
+    # chat answers are decoded as nanochat's chat API decodes them (streaming.text_events' decoder)
+    decoder = CHAT_DECODER if id_prefix == "chatcmpl-" else TextStream
+    choices = [Choice(i, state.tokenizer, sampling.stop, sampling.logprobs is not None, decoder)
+               for i in range(len(specs))]
     label = f"{kind}{' stream' if stream else ''}{f' (user {user!r})' if user else ''}"
     gen = state.generation(label, prompts[0], sampling.temperature, sampling.top_k,
                            sampling.max_tokens, sampling.seed)
