@@ -2,22 +2,21 @@
 tokenizing with the server's own tokenizer (its vLLM-style /tokenize endpoints), on the local
 tasks of tests/hf/test_lm_eval.py (a multiple-choice loglikelihood task, a generate-until task).
 Every loglikelihood and every generation must equal what the model computes directly."""
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_cfg, require_module
 
 from nanopipe.serving.app import create_app, run_in_thread
-from helpers import make_cfg, require_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))  # the HF tests' fixtures and tasks
 from hf_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 
 require_module("lm_eval")
 from test_lm_eval import GEN_QUESTIONS, GEN_YAML, MAX_GEN, MC_DOCS, MC_YAML, UNTIL  # noqa: E402
-
-import json  # noqa: E402
 
 
 def direct_loglikelihood(model, tok, context, continuation):

@@ -9,11 +9,11 @@ import re
 import httpx
 import pytest
 import torch
+from helpers import make_cfg, require_module
+from serve_doubles import ASSISTANT_END, BOS, ChatByteTokenizer, scripted_reply_model, suppress_terminators, tiny_gpt
 
 from nanopipe.serving.app import create_app, render_prompt, run_in_thread
 from nanopipe.serving.choices import Choice, StopText
-from helpers import make_cfg, require_module
-from serve_doubles import ASSISTANT_END, BOS, ChatByteTokenizer, scripted_reply_model, suppress_terminators, tiny_gpt
 
 REPLY = "Hi é€😀!"
 TOK = ChatByteTokenizer()

@@ -45,7 +45,6 @@ import os
 import threading
 import time
 from contextlib import asynccontextmanager
-
 from pathlib import Path
 
 import torch

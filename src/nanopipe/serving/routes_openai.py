@@ -38,8 +38,7 @@ from fastapi.responses import StreamingResponse
 
 from nanopipe.inference.engine import TextStream
 from nanopipe.serving.choices import Choice, RequestTimeout, ShuttingDown
-from nanopipe.serving.schemas import (OpenAIChatRequest, OpenAICompletionRequest, validate_completion,
-                                      validate_openai)
+from nanopipe.serving.schemas import OpenAIChatRequest, OpenAICompletionRequest, validate_completion, validate_openai
 from nanopipe.serving.state import MODEL_NAME, UNAUTHORIZED, ServerState, StateDep, openai_error
 from nanopipe.serving.streaming import SSE_HEADERS, Generation, sse
 

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from nanopipe.serving.metrics import CONTENT_TYPE
-
 from nanopipe.serving.state import UNAUTHORIZED, StateDep, detail_error
 
 router = APIRouter()
