@@ -140,9 +140,8 @@ class Request:
 
     def sampling_row(self):
         """This row's entry of serving.sampling.RowParams."""
-        lo, hi = self.seed_words
         return (self.temperature, self.top_k or 0, self.top_p, self.presence_penalty, self.frequency_penalty,
-                lo, hi, self.num_generated)
+                self.seed_words, self.num_generated)
 
 
 class Worker:
@@ -330,10 +329,18 @@ class Worker:
                              head_dim=m.n_embd // m.n_head, num_layers=m.n_layer, device=self.device, dtype=dtype,
                              per_row=True)
         self.counts = torch.zeros(self.max_batch, self.vocab_size, device=self.device)
+        self._views = {}
         self._active = []
         self.mode = "batched"
         logger.info("decode worker %d on %s: up to %d sequences of %d tokens, prefill chunks of %d", self.id,
                     self.device, self.max_batch, self.capacity, self.prefill_chunk)
+
+    def _rows(self, start, stop):
+        """The cache's rows start..stop-1 (views are kept: they share the cache's storage)."""
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self._views[(start, stop)] = self.cache.rows(start, stop)
+        return view
 
     def _loop(self):
         while self._wait_for_work():
@@ -379,7 +386,7 @@ class Worker:
             start = req.pos
             stop = min(len(req.prompt), start + self.prefill_chunk)
             ids = torch.tensor([req.prompt[start:stop]], dtype=torch.long, device=self.device)
-            logits = decode_forward(self.model, ids, self.cache.rows(req.slot, req.slot + 1), self.device)[0]
+            logits = decode_forward(self.model, ids, self._rows(req.slot, req.slot + 1), self.device)[0]
             req.pos = stop
             self.stats["prefill_chunks"] += 1
             if req.prompt_lps is not None:
@@ -416,7 +423,7 @@ class Worker:
         assert all(r.slot == i for i, r in enumerate(rows)), "decoding rows must be slots 0..d-1"
         try:
             ids = torch.tensor([[r.next_input] for r in rows], dtype=torch.long, device=self.device)
-            logits = decode_forward(self.model, ids, self.cache.rows(0, n), self.device)[:, -1, :]
+            logits = decode_forward(self.model, ids, self._rows(0, n), self.device)[:, -1, :]
         except Exception as e:  # the shared forward: every row of it fails, not the server
             logger.exception("decode worker %d: step failed", self.id)
             for req in rows:
@@ -442,14 +449,17 @@ class Worker:
             logits = logits.index_select(0, keep)
         try:
             params = RowParams([r.sampling_row() for r in live], self.device)
-            slots = torch.tensor([r.slot for r in live], dtype=torch.long, device=self.device)
-            counts = self.counts.index_select(0, slots) if params.penalties else None
+            counts = None
+            if params.penalties:
+                slots = torch.tensor([r.slot for r in live], dtype=torch.long, device=self.device)
+                counts = self.counts.index_select(0, slots)
             chosen = sample(logits.float(), params, counts)
             forced = [r.state.forced_tokens[0] if r.state.forced_tokens else -1 for r in live]
             if any(f >= 0 for f in forced):  # the tool's tokens replace the sample (step_row below agrees)
                 forced_t = torch.tensor(forced, dtype=torch.long, device=self.device)
                 chosen = torch.where(forced_t >= 0, forced_t, chosen)
-            self.counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=self.counts.dtype), accumulate=True)
+            if params.penalties:  # a row's penalties never change, so its counts are complete when it needs them
+                self.counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=self.counts.dtype), accumulate=True)
             k = max((r.logprobs for r in live if r.logprobs is not None), default=None)
             if k is not None:
                 lp, top_lp, top_ids = token_logprobs(logits, chosen, k)
