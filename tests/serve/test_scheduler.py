@@ -310,3 +310,21 @@ def test_stats_count_time_to_first_token_and_rate(gpt, sched):
     st = sched.stats()
     assert st["ttft_count"] == before["ttft_count"] + 1 and st["ttft_seconds_sum"] > before["ttft_seconds_sum"]
     assert st["tokens_per_s"] > 0 and st["queued"] == 0
+
+
+def test_a_cancelled_queued_request_leaves_the_queue_while_slots_are_busy():
+    model = suppress_terminators(tiny_gpt(seed=3), [ASSISTANT_END, BOS])
+    s = Scheduler(model, ChatByteTokenizer(), max_batch=1, max_queue=1)
+    s.start()
+    try:
+        first, second = queue.Queue(), queue.Queue()
+        running = s.submit(prompts(1)[0], first.put, max_tokens=60, temperature=0.0)
+        assert first.get(timeout=30)[0] == "token"
+        waiting = s.submit(prompts(1)[0], second.put, max_tokens=3, temperature=0.0)
+        waiting.cancel()
+        assert second.get(timeout=30) == ("done", "cancelled")
+        assert not running.finished and s.stats()["queued"] == 0
+        s.submit(prompts(1)[0], lambda ev: None, max_tokens=3)  # its place in the queue is free again
+        running.cancel()
+    finally:
+        s.shutdown()

@@ -356,7 +356,14 @@ class Worker:
                 self._retire()
 
     def _admit(self):
-        """Queued requests take the free slots (their prefill runs a chunk per step)."""
+        """Queued requests take the free slots (their prefill runs a chunk per step); cancelled ones
+        leave the queue even while every slot is busy (they no longer count against max_queue)."""
+        if self._pending and any(r.cancelled for r in list(self._pending)):
+            with self._wake:
+                gone = [r for r in self._pending if r.cancelled]
+                self._pending = deque(r for r in self._pending if not r.cancelled)
+            for req in gone:
+                self._finish(req, "done", "cancelled")
         while len(self._active) < self.max_batch:
             with self._wake:
                 if not self._pending:
