@@ -6,18 +6,21 @@ positions (KVCache(per_row=True), D14) and a background thread running the decod
 
     loop:
         admit queued requests into free slots (no compute: a slot is just a cache row)
-        prefill: one forward of at most `prefill_chunk` prompt tokens of the oldest admitted
-            request still prefilling; on its last chunk, sample and emit its first token
+        prefill: one forward over the next chunk of the oldest admitted request still
+            prefilling, and of the ones after it while the forward (padded to its longest chunk)
+            stays within `prefill_chunk` tokens; a request whose prompt is done samples and emits
+            its first token
         decode: one GPT.forward over every decoding row, each feeding its last token at its
             own position, then one batched sample (serving/sampling.py) of the whole step,
             the calculator tool state machine per row (a forced token wins, as in
             Engine.generate), and the events to each request's consumer
         retire finished or cancelled rows and keep the rest in slots 0..n-1
 
-Running rows therefore wait for at most one prefill chunk per step, however long the prompts
-that arrive (D14 says why the chunk runs as its own forward rather than packed into the decode
-forward). Decoding rows are always slots 0..d-1 (requests are prefilled in admission order),
-so the decode forward is one contiguous view of the cache.
+Running rows therefore wait for at most one prefill forward of `prefill_chunk` tokens per
+step, however long the prompts that arrive, and a burst of short prompts is prefilled together
+(D14 says why the chunk runs as its own forward rather than packed into the decode forward).
+Decoding rows are always slots 0..d-1 and prefilling ones follow them (requests are admitted
+and prefilled in order), so each forward is one contiguous view of the cache.
 
 Sampling (serving/sampling.py): per-row temperature (0 = greedy), top-k, top-p,
 presence/frequency penalties and a seed; the draws come from a counter-based generator of
@@ -181,7 +184,7 @@ class Worker:
         self._started_at = time.monotonic()
         self.stats = dict(tokens_generated=0, requests_completed=0, requests_cancelled=0, requests_failed=0,
                           steps=0, max_active_seen=0, rows_decoded=0, restarts=0, prefill_chunks=0,
-                          ttft_seconds_sum=0.0, ttft_count=0)
+                          prefill_forwards=0, ttft_seconds_sum=0.0, ttft_count=0)
 
     # --- public (any thread)
     def start(self):
@@ -346,9 +349,9 @@ class Worker:
         while self._wait_for_work():
             self._admit()
             self._retire()
-            prefilling = next((r for r in self._active if r.next_input is None), None)
-            if prefilling is not None:
-                self._prefill_chunk(prefilling)
+            group = self._prefill_group()
+            if group:
+                self._prefill(group)
                 self._retire()
             decoding = [r for r in self._active if r.next_input is not None]
             if decoding:
@@ -386,30 +389,80 @@ class Worker:
             self._active.append(req)
             self.stats["max_active_seen"] = max(self.stats["max_active_seen"], len(self._active))
 
-    def _prefill_chunk(self, req):
-        """One forward over the next `prefill_chunk` prompt tokens of `req` (its slot only); after
-        the last one, the prompt event and the first token."""
+    def _prefill_group(self):
+        """The prefilling rows (a suffix of the slots, in admission order) whose next chunks go into
+        this step's prefill forward: the oldest always, then more while the forward, padded to its
+        longest chunk, stays within `prefill_chunk` tokens (and every row within the cache)."""
+        group, width = [], 0
+        for req in self._active:
+            if req.next_input is not None or req.finished:
+                continue
+            n = min(len(req.prompt) - req.pos, self.prefill_chunk)
+            w = max(width, n)
+            if group and (w * (len(group) + 1) > self.prefill_chunk
+                          or any(r.pos + w > self.capacity for r in group + [req])):
+                break
+            group.append(req)
+            width = w
+        return group
+
+    def _prefill(self, group):
+        """One forward over the next chunk of every row of `group` (contiguous slots), padded to the
+        longest: a row's real tokens never attend to the padding after them, and its length is set
+        back to its real end. Then prompt logprobs, the prompt event and the first token of every
+        row whose prompt is done. If the shared forward fails, each row is retried alone, so one
+        bad prompt fails only itself."""
         try:
-            start = req.pos
-            stop = min(len(req.prompt), start + self.prefill_chunk)
-            ids = torch.tensor([req.prompt[start:stop]], dtype=torch.long, device=self.device)
-            logits = decode_forward(self.model, ids, self._rows(req.slot, req.slot + 1), self.device)[0]
-            req.pos = stop
-            self.stats["prefill_chunks"] += 1
-            if req.prompt_lps is not None:
-                self._score_prompt(req, logits, start, stop)
-            if stop < len(req.prompt):
-                return
-            if req.prompt_lps is not None:
-                self._send(req, ("prompt", req.prompt_lps))
-            if req.limit <= 0:  # max_tokens=0: the prompt's logprobs were all that was asked
-                self._finish(req, "done", "length")
-                return
+            logits, chunks = self._prefill_forward(group)
         except Exception as e:
-            logger.exception("decode worker %d: prefilling request %d failed", self.id, req.id)
-            self._finish(req, "error", f"{type(e).__name__}: {e}")
+            if len(group) == 1:
+                logger.exception("decode worker %d: prefilling request %d failed", self.id, group[0].id)
+                self._finish(group[0], "error", f"{type(e).__name__}: {e}")
+                return
+            logger.warning("decode worker %d: prefill of %d requests failed (%s: %s); prefilling each alone", self.id,
+                           len(group), type(e).__name__, e)
+            for req in group:
+                self._prefill([req])
             return
-        self._sample_and_emit([req], logits[-1:])
+        done, last = [], []
+        for i, (req, (start, stop)) in enumerate(zip(group, chunks)):
+            try:  # one row's scoring / events failing ends that row only
+                req.pos = stop
+                self.stats["prefill_chunks"] += 1
+                if req.prompt_lps is not None:
+                    self._score_prompt(req, logits[i, :stop - start], start, stop)
+                if stop < len(req.prompt):
+                    continue
+                if req.prompt_lps is not None:
+                    self._send(req, ("prompt", req.prompt_lps))
+                if req.limit <= 0:  # max_tokens=0: the prompt's logprobs were all that was asked
+                    self._finish(req, "done", "length")
+                    continue
+                done.append(req)
+                last.append(logits[i, stop - start - 1])
+            except Exception as e:
+                logger.exception("decode worker %d: prefilling request %d failed", self.id, req.id)
+                self._finish(req, "error", f"{type(e).__name__}: {e}")
+        if done:
+            self._sample_and_emit(done, torch.stack(last))
+
+    def _prefill_forward(self, group):
+        first = group[0].slot
+        assert all(r.slot == first + i for i, r in enumerate(group)), "prefilling rows must be contiguous slots"
+        chunks = [(r.pos, min(len(r.prompt), r.pos + self.prefill_chunk)) for r in group]
+        width = max(stop - start for start, stop in chunks)
+        ids = [r.prompt[start:stop] + [0] * (width - (stop - start)) for r, (start, stop) in zip(group, chunks)]
+        view = self._rows(first, first + len(group))
+        try:
+            logits = decode_forward(self.model, torch.tensor(ids, dtype=torch.long, device=self.device), view,
+                                    self.device)
+        except Exception:
+            view.cache_seqlens.copy_(torch.tensor([start for start, _ in chunks], dtype=torch.int32))
+            raise
+        if width * len(group) > sum(stop - start for start, stop in chunks):  # padded: back to the real ends
+            view.cache_seqlens.copy_(torch.tensor([stop for _, stop in chunks], dtype=torch.int32))
+        self.stats["prefill_forwards"] += 1
+        return logits, chunks
 
     def _score_prompt(self, req, logits, start, stop):
         """Append the logprobs of prompt tokens max(start, 1)..stop-1 (token i is scored by the
