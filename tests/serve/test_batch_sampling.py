@@ -26,8 +26,7 @@ def logits_row():
 def rows(n, temperature=1.0, top_k=0, top_p=1.0, presence=0.0, frequency=0.0, step=0, seed0=0):
     out = []
     for i in range(n):
-        lo, hi = split_seed(seed0 + i)
-        out.append((temperature, top_k, top_p, presence, frequency, lo, hi, step))
+        out.append((temperature, top_k, top_p, presence, frequency, split_seed(seed0 + i), step))
     return out
 
 
@@ -99,9 +98,9 @@ def test_penalties_change_logits_by_the_right_amount():
     assert out.tolist() == [[1.0, 1.0, 2.25, 4.0]]
     # through sample(): greedy on the penalised logits (token 3 seen 3 times: 4 - 0.5 - 3*0.6 < 2.5)
     counts = torch.tensor([[0.0, 0.0, 0.0, 3.0]])
-    params = RowParams([(0.0, 0, 1.0, 0.5, 0.6, 0, 0, 0)], "cpu")
+    params = RowParams([(0.0, 0, 1.0, 0.5, 0.6, (0, 0), 0)], "cpu")
     assert sample(logits.clone(), params, counts).tolist() == [2]
-    negative = RowParams([(0.0, 0, 1.0, -1.0, 0.0, 0, 0, 0)], "cpu")  # a negative presence penalty favours seen tokens
+    negative = RowParams([(0.0, 0, 1.0, -1.0, 0.0, (0, 0), 0)], "cpu")  # a negative presence penalty favours seen tokens
     assert sample(torch.tensor([[3.5, 0.0, 3.0, 0.0]]), negative, torch.tensor([[0.0, 0.0, 1.0, 0.0]])).tolist() == [2]
 
 
@@ -119,13 +118,13 @@ def test_a_mixed_batch_keeps_each_rows_parameters():
 def test_seeds_and_steps():
     """A draw is a function of (seed, step) alone: same in any batch, at any row; other seeds or
     steps draw independently."""
-    one = RowParams([(1.0, 0, 1.0, 0.0, 0.0, *split_seed(77), 5)], "cpu")
+    one = RowParams([(1.0, 0, 1.0, 0.0, 0.0, split_seed(77), 5)], "cpu")
     alone = sample(logits_row().unsqueeze(0), one).item()
     crowd = rows(50, seed0=1000, step=3)
-    crowd[31] = (1.0, 0, 1.0, 0.0, 0.0, *split_seed(77), 5)
+    crowd[31] = (1.0, 0, 1.0, 0.0, 0.0, split_seed(77), 5)
     assert sample(logits_row().expand(50, V).clone(), RowParams(crowd, "cpu"))[31].item() == alone
     # one seed over 6000 steps is a sample of the distribution too
-    steps = [(1.0, 0, 1.0, 0.0, 0.0, *split_seed(77), s) for s in range(6000)]
+    steps = [(1.0, 0, 1.0, 0.0, 0.0, split_seed(77), s) for s in range(6000)]
     assert_matches(sample(logits_row().expand(6000, V).clone(), RowParams(steps, "cpu")).tolist(), by_hand())
     # negative seeds are the same as torch's (2**64 + seed)
     assert split_seed(-1) == split_seed(2**64 - 1) == (2**32 - 1, 2**32 - 1)
@@ -133,18 +132,17 @@ def test_seeds_and_steps():
 
 def test_counter_uniform_is_uniform_and_in_range():
     n = 100_000
-    seeds = torch.arange(n) % 997
-    steps = torch.arange(n) // 997
-    u = counter_uniform(seeds, torch.zeros(n, dtype=torch.int64), steps)
+    u = torch.tensor([counter_uniform(split_seed(i % 997), i // 997) for i in range(n)])
     assert u.min() >= 0 and u.max() < 1
     counts = torch.histc(u, bins=50, min=0, max=1)
     chi2 = (((counts - n / 50) ** 2) / (n / 50)).sum().item()
     assert chi2 < 100, chi2  # 49 degrees of freedom: p(chi2 > 100) < 1e-4
     assert len(set(u.tolist())) > 0.99 * n
-    # neighbouring seeds / steps are not correlated
-    a = counter_uniform(torch.arange(n), torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64))
-    b = counter_uniform(torch.arange(n) + 1, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64))
-    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.02
+    # neighbouring seeds, seeds that differ in the high word, and neighbouring steps are not correlated
+    for other in (lambda i: (split_seed(i + 1), 0), lambda i: (split_seed(i + 2**32), 0), lambda i: (split_seed(i), 1)):
+        a = torch.tensor([counter_uniform(split_seed(i), 0) for i in range(20_000)])
+        b = torch.tensor([counter_uniform(*other(i)) for i in range(20_000)])
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.04
 
 
 def test_token_logprobs():
@@ -154,3 +152,18 @@ def test_token_logprobs():
     assert top_ids.tolist() == [[3, 17, 8]] or top_ids.tolist() == [[3, 17, 30]]
     assert top_lp[0].tolist() == pytest.approx([math.log(0.5), math.log(0.25), math.log(0.125)], abs=1e-6)
     assert token_logprobs(logits, torch.tensor([3]), 0)[1].shape == (1, 0)
+
+
+@pytest.mark.parametrize("other_k", [3, 0], ids=["top-3", "no top-k"])
+def test_rows_with_different_top_k(other_k):
+    """top-k 2 next to top-k 3 (one topk(3) call, masked per row) or next to no top-k (a full sort)."""
+    n = 3000
+    spec = rows(n, top_k=2) + rows(n, top_k=other_k, seed0=n)
+    out = sample(logits_row().expand(2 * n, V).clone(), RowParams(spec, "cpu")).tolist()
+    assert_matches(out[:n], {3: 2 / 3, 17: 1 / 3})
+    if other_k:
+        out_other = [t if t != 30 else 8 for t in out[n:]]  # the 0.125 tie: either may be third
+        assert len({t for t in out[n:] if t in (8, 30)}) == 1
+        assert_matches(out_other, {3: 4 / 7, 17: 2 / 7, 8: 1 / 7})
+    else:
+        assert_matches(out[n:], by_hand())

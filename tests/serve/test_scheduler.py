@@ -310,3 +310,52 @@ def test_stats_count_time_to_first_token_and_rate(gpt, sched):
     st = sched.stats()
     assert st["ttft_count"] == before["ttft_count"] + 1 and st["ttft_seconds_sum"] > before["ttft_seconds_sum"]
     assert st["tokens_per_s"] > 0 and st["queued"] == 0
+
+
+def test_a_cancelled_queued_request_leaves_the_queue_while_slots_are_busy():
+    model = suppress_terminators(tiny_gpt(seed=3), [ASSISTANT_END, BOS])
+    s = Scheduler(model, ChatByteTokenizer(), max_batch=1, max_queue=1)
+    s.start()
+    try:
+        first, second = queue.Queue(), queue.Queue()
+        running = s.submit(prompts(1)[0], first.put, max_tokens=60, temperature=0.0)
+        assert first.get(timeout=30)[0] == "token"
+        waiting = s.submit(prompts(1)[0], second.put, max_tokens=3, temperature=0.0)
+        waiting.cancel()
+        assert second.get(timeout=30) == ("done", "cancelled")
+        assert not running.finished and s.stats()["queued"] == 0
+        s.submit(prompts(1)[0], lambda ev: None, max_tokens=3)  # its place in the queue is free again
+        running.cancel()
+    finally:
+        s.shutdown()
+
+
+def test_a_burst_of_prompts_is_prefilled_together_exactly(gpt):
+    """8 requests waiting when the worker starts: prefilled in forwards of <= prefill_chunk padded
+    tokens (prompts of 2..51 tokens: 256 tokens hold 5 of them at width 51), and each greedy
+    stream is still exactly Engine.generate's; with prompt logprobs, each equals the direct
+    log_softmax of the model over its own prompt (the padding is invisible)."""
+    from nanopipe.serving.scheduler import Request
+    s = Scheduler(gpt, ChatByteTokenizer(), max_batch=8, prefill_chunk=256)
+    ps = prompts(8)
+    qs = [queue.Queue() for _ in ps]
+    for p, q in zip(ps, qs):
+        s.workers[0].submit(Request(p, 12, 0.0, None, 0, q.put, logprobs=0, prompt_logprobs=True))
+    s.start()
+    try:
+        engine = Engine(gpt, ChatByteTokenizer())
+        for p, q in zip(ps, qs):
+            kind, lps = q.get(timeout=60)
+            assert kind == "prompt"
+            with torch.inference_mode():
+                ref = torch.log_softmax(gpt.forward(torch.tensor([p]))[0].float(), dim=-1)
+            got = [lp["logprob"] for lp in lps[1:]]
+            assert got == pytest.approx([ref[i - 1, p[i]].item() for i in range(1, len(p))], abs=1e-5)
+            tokens = []
+            while (ev := q.get(timeout=60))[0] == "token":
+                tokens.append(ev[1])
+            assert tokens == engine_tokens(engine, p, 12, 0.0, None, 0)[0]
+        w = s.stats()["workers"][0]
+        assert w["prefill_chunks"] == 8 and w["prefill_forwards"] <= 3, w
+    finally:
+        s.shutdown()

@@ -27,19 +27,12 @@ import torch
 MASK32 = 0xFFFFFFFF
 
 
-def _mul32(x, c):
-    """(x * c) mod 2**32 for x in [0, 2**32) held in int64, without int64 overflow: c is split
-    into its top bit and the rest (< 2**31), so each product stays below 2**63."""
-    lo, hi = c & 0x7FFFFFFF, c >> 31
-    return (x * lo + ((x & 1) << 31) * hi) & MASK32
-
-
-def _hash32(x):
-    """A 32-bit integer mix (Wellons' lowbias32: full avalanche) on int64 tensors in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+def _hash32(x: int) -> int:
+    """A 32-bit integer mix (Wellons' lowbias32: full avalanche)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
     return x ^ (x >> 16)
 
 
@@ -49,36 +42,42 @@ def split_seed(seed: int) -> tuple[int, int]:
     return seed & MASK32, seed >> 32
 
 
-def counter_uniform(seed_lo, seed_hi, step):
-    """One float32 in [0, 1) per row from int64 tensors (seed words, step), a pure function of
-    the three: hash(seed_lo ^ hash(seed_hi ^ hash(step ^ k)))."""
-    x = _hash32((step & MASK32) ^ 0x9E3779B9)
-    x = _hash32(seed_hi ^ x)
-    x = _hash32(seed_lo ^ x)
-    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))  # 24 bits: exact in float32
+def counter_uniform(seed_words: tuple[int, int], step: int) -> float:
+    """A float in [0, 1), a pure function of (seed, step): hash(lo ^ hash(hi ^ hash(step ^ k))),
+    24 bits (exact in float32). Computed on the host, a microsecond a row: cheaper than a dozen
+    tiny integer kernels per step, and the same on every device."""
+    lo, hi = seed_words
+    x = _hash32(lo ^ _hash32(hi ^ _hash32((step & MASK32) ^ 0x9E3779B9)))
+    return (x >> 8) / (1 << 24)
 
 
 class RowParams:
-    """The sampling parameters of the rows of one step, as tensors on `device`, plus what the
-    host knows about them (which stages any row needs, so unused ones cost nothing)."""
+    """The sampling parameters of the rows of one step as (n, 1) columns on `device` (one
+    host-to-device copy), plus what the host knows about them, so stages no row needs cost
+    nothing (a step is a handful of kernels: this runs once per decoded token)."""
 
     def __init__(self, rows, device):
-        """rows: per row (temperature, top_k, top_p, presence, frequency, seed_lo, seed_hi, step)."""
-        floats = torch.tensor([r[:5] for r in rows], dtype=torch.float32)
-        ints = torch.tensor([r[5:] for r in rows], dtype=torch.int64)
-        self.temperature, self.top_k, self.top_p, self.presence, self.frequency = floats.to(device).unbind(1)
-        self.seed_lo, self.seed_hi, self.step = ints.to(device).unbind(1)
+        """rows: per row (temperature, top_k, top_p, presence, frequency, (seed_lo, seed_hi), step)."""
+        table = torch.tensor([(t if t > 0 else 1.0, k, p, pr, fr, counter_uniform(seed, step), t == 0)
+                              for t, k, p, pr, fr, seed, step in rows], dtype=torch.float32).to(device)
+        (self.temperature, self.top_k, self.top_p, self.presence, self.frequency, self.uniform,
+         self.greedy) = table.split(1, dim=1)  # (n, 1) columns; greedy is 1.0 for temperature 0
         sampling = [r for r in rows if r[0] > 0]
         self.all_greedy = not sampling
+        self.any_greedy = len(sampling) < len(rows)
+        self.unit_temperature = all(r[0] in (0, 1) for r in rows)
         self.penalties = any(r[3] != 0 or r[4] != 0 for r in rows)
         self.any_top_p = any(r[2] < 1.0 for r in sampling)
-        self.max_top_k = max((int(r[1]) for r in sampling if r[1] > 0), default=0)
-        self.every_row_top_k = bool(sampling) and all(r[1] > 0 for r in sampling)
+        ks = {int(r[1]) for r in sampling}
+        self.max_top_k = 0 if 0 in ks else max(ks, default=0)  # > 0: every sampling row keeps at most this many
+        self.any_top_k = any(k > 0 for k in ks)
+        self.one_top_k = len(ks) == 1  # every sampling row has the same top_k (no per-row mask needed)
 
 
 def apply_penalties(logits, counts, presence, frequency):
-    """logits (n, V) minus presence * (count > 0) + frequency * count, per row."""
-    return logits - presence.unsqueeze(1) * (counts > 0).to(logits.dtype) - frequency.unsqueeze(1) * counts
+    """logits (n, V) minus presence * (count > 0) + frequency * count, per row (presence,
+    frequency: (n, 1))."""
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
 def sample(logits, params: RowParams, counts=None):
@@ -86,34 +85,36 @@ def sample(logits, params: RowParams, counts=None):
     counts (n, V): tokens generated so far per row (needed when any row has a penalty)."""
     if params.penalties:
         logits = apply_penalties(logits, counts, params.presence, params.frequency)
-    greedy = logits.argmax(dim=-1)
     if params.all_greedy:
-        return greedy
-    V = logits.size(-1)
-    temperature = torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))
-    scaled = logits / temperature.unsqueeze(1)
-    if params.any_top_p or (params.max_top_k and not params.every_row_top_k):
+        return logits.argmax(dim=-1)
+    scaled = logits if params.unit_temperature else logits / params.temperature
+    # exact: the ranking holds exactly the tokens every sampling row keeps (the same top-k for all)
+    exact = bool(params.max_top_k) and params.one_top_k and not params.any_top_p
+    if params.any_top_p or (params.any_top_k and not params.max_top_k):
         ranked, order = scaled.sort(dim=-1, descending=True)  # some row needs the whole ranking
     elif params.max_top_k:
-        ranked, order = scaled.topk(min(params.max_top_k, V), dim=-1)  # every row keeps at most max_top_k
+        ranked, order = scaled.topk(min(params.max_top_k, scaled.size(-1)), dim=-1)  # no row keeps more
     else:
         ranked, order = scaled, None  # no truncation anywhere: sample the softmax as it is
     K = ranked.size(-1)
-    if order is not None:
-        k = torch.where(params.top_k > 0, params.top_k.clamp(max=K), torch.full_like(params.top_k, K))
-        ranked = ranked.masked_fill(torch.arange(K, device=ranked.device) >= k.unsqueeze(1), float("-inf"))
+    if params.any_top_k and not exact:  # rows keep fewer tokens than the ranking holds
+        k = torch.where(params.top_k > 0, params.top_k.clamp(max=K), K)
+        ranked = ranked.masked_fill(torch.arange(K, device=ranked.device) >= k, float("-inf"))
     probs = torch.softmax(ranked, dim=-1)
     if params.any_top_p:
         before = probs.cumsum(dim=-1) - probs  # the mass of the tokens ranked above each one
-        probs = probs.masked_fill(before >= params.top_p.unsqueeze(1), 0.0)
-    u = counter_uniform(params.seed_lo, params.seed_hi, params.step)
+        probs = probs.masked_fill(before >= params.top_p, 0.0)
     cdf = probs.cumsum(dim=-1)
-    u = (u * cdf[:, -1]).unsqueeze(1)  # scaled to the row's kept mass (top-k/top-p need no renormalising)
+    u = params.uniform * cdf[:, -1:]  # scaled to the row's kept mass (top-k/top-p need no renormalising)
     pick = torch.searchsorted(cdf, u, right=True)
-    kept = (probs > 0).sum(dim=-1, keepdim=True)  # kept tokens are a prefix when ranked
-    pick = torch.minimum(pick, kept - 1) if order is not None else pick.clamp_(max=K - 1)
-    ids = pick.squeeze(1) if order is None else order.gather(1, pick).squeeze(1)
-    return torch.where(params.temperature > 0, ids, greedy)
+    if order is None or exact:
+        pick = pick.clamp_(max=K - 1)  # every token of the row is kept (u rounding up to the total lands here)
+    else:  # the kept tokens are a prefix of the ranking: never step past the last one
+        pick = torch.minimum(pick, (probs > 0).sum(dim=-1, keepdim=True) - 1)
+    ids = pick if order is None else order.gather(1, pick)
+    if params.any_greedy:
+        ids = torch.where(params.greedy > 0, logits.argmax(dim=-1, keepdim=True), ids)
+    return ids.squeeze(1)
 
 
 def token_logprobs(logits, chosen, k):

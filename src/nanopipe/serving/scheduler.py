@@ -6,18 +6,21 @@ positions (KVCache(per_row=True), D14) and a background thread running the decod
 
     loop:
         admit queued requests into free slots (no compute: a slot is just a cache row)
-        prefill: one forward of at most `prefill_chunk` prompt tokens of the oldest admitted
-            request still prefilling; on its last chunk, sample and emit its first token
+        prefill: one forward over the next chunk of the oldest admitted request still
+            prefilling, and of the ones after it while the forward (padded to its longest chunk)
+            stays within `prefill_chunk` tokens; a request whose prompt is done samples and emits
+            its first token
         decode: one GPT.forward over every decoding row, each feeding its last token at its
             own position, then one batched sample (serving/sampling.py) of the whole step,
             the calculator tool state machine per row (a forced token wins, as in
             Engine.generate), and the events to each request's consumer
         retire finished or cancelled rows and keep the rest in slots 0..n-1
 
-Running rows therefore wait for at most one prefill chunk per step, however long the prompts
-that arrive (D14 says why the chunk runs as its own forward rather than packed into the decode
-forward). Decoding rows are always slots 0..d-1 (requests are prefilled in admission order),
-so the decode forward is one contiguous view of the cache.
+Running rows therefore wait for at most one prefill forward of `prefill_chunk` tokens per
+step, however long the prompts that arrive, and a burst of short prompts is prefilled together
+(D14 says why the chunk runs as its own forward rather than packed into the decode forward).
+Decoding rows are always slots 0..d-1 and prefilling ones follow them (requests are admitted
+and prefilled in order), so each forward is one contiguous view of the cache.
 
 Sampling (serving/sampling.py): per-row temperature (0 = greedy), top-k, top-p,
 presence/frequency penalties and a seed; the draws come from a counter-based generator of
@@ -140,9 +143,8 @@ class Request:
 
     def sampling_row(self):
         """This row's entry of serving.sampling.RowParams."""
-        lo, hi = self.seed_words
         return (self.temperature, self.top_k or 0, self.top_p, self.presence_penalty, self.frequency_penalty,
-                lo, hi, self.num_generated)
+                self.seed_words, self.num_generated)
 
 
 class Worker:
@@ -182,7 +184,7 @@ class Worker:
         self._started_at = time.monotonic()
         self.stats = dict(tokens_generated=0, requests_completed=0, requests_cancelled=0, requests_failed=0,
                           steps=0, max_active_seen=0, rows_decoded=0, restarts=0, prefill_chunks=0,
-                          ttft_seconds_sum=0.0, ttft_count=0)
+                          prefill_forwards=0, ttft_seconds_sum=0.0, ttft_count=0)
 
     # --- public (any thread)
     def start(self):
@@ -330,18 +332,26 @@ class Worker:
                              head_dim=m.n_embd // m.n_head, num_layers=m.n_layer, device=self.device, dtype=dtype,
                              per_row=True)
         self.counts = torch.zeros(self.max_batch, self.vocab_size, device=self.device)
+        self._views = {}
         self._active = []
         self.mode = "batched"
         logger.info("decode worker %d on %s: up to %d sequences of %d tokens, prefill chunks of %d", self.id,
                     self.device, self.max_batch, self.capacity, self.prefill_chunk)
 
+    def _rows(self, start, stop):
+        """The cache's rows start..stop-1 (views are kept: they share the cache's storage)."""
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self._views[(start, stop)] = self.cache.rows(start, stop)
+        return view
+
     def _loop(self):
         while self._wait_for_work():
             self._admit()
             self._retire()
-            prefilling = next((r for r in self._active if r.next_input is None), None)
-            if prefilling is not None:
-                self._prefill_chunk(prefilling)
+            group = self._prefill_group()
+            if group:
+                self._prefill(group)
                 self._retire()
             decoding = [r for r in self._active if r.next_input is not None]
             if decoding:
@@ -349,7 +359,14 @@ class Worker:
                 self._retire()
 
     def _admit(self):
-        """Queued requests take the free slots (their prefill runs a chunk per step)."""
+        """Queued requests take the free slots (their prefill runs a chunk per step); cancelled ones
+        leave the queue even while every slot is busy (they no longer count against max_queue)."""
+        if self._pending and any(r.cancelled for r in list(self._pending)):
+            with self._wake:
+                gone = [r for r in self._pending if r.cancelled]
+                self._pending = deque(r for r in self._pending if not r.cancelled)
+            for req in gone:
+                self._finish(req, "done", "cancelled")
         while len(self._active) < self.max_batch:
             with self._wake:
                 if not self._pending:
@@ -372,30 +389,80 @@ class Worker:
             self._active.append(req)
             self.stats["max_active_seen"] = max(self.stats["max_active_seen"], len(self._active))
 
-    def _prefill_chunk(self, req):
-        """One forward over the next `prefill_chunk` prompt tokens of `req` (its slot only); after
-        the last one, the prompt event and the first token."""
+    def _prefill_group(self):
+        """The prefilling rows (a suffix of the slots, in admission order) whose next chunks go into
+        this step's prefill forward: the oldest always, then more while the forward, padded to its
+        longest chunk, stays within `prefill_chunk` tokens (and every row within the cache)."""
+        group, width = [], 0
+        for req in self._active:
+            if req.next_input is not None or req.finished:
+                continue
+            n = min(len(req.prompt) - req.pos, self.prefill_chunk)
+            w = max(width, n)
+            if group and (w * (len(group) + 1) > self.prefill_chunk
+                          or any(r.pos + w > self.capacity for r in group + [req])):
+                break
+            group.append(req)
+            width = w
+        return group
+
+    def _prefill(self, group):
+        """One forward over the next chunk of every row of `group` (contiguous slots), padded to the
+        longest: a row's real tokens never attend to the padding after them, and its length is set
+        back to its real end. Then prompt logprobs, the prompt event and the first token of every
+        row whose prompt is done. If the shared forward fails, each row is retried alone, so one
+        bad prompt fails only itself."""
         try:
-            start = req.pos
-            stop = min(len(req.prompt), start + self.prefill_chunk)
-            ids = torch.tensor([req.prompt[start:stop]], dtype=torch.long, device=self.device)
-            logits = decode_forward(self.model, ids, self.cache.rows(req.slot, req.slot + 1), self.device)[0]
-            req.pos = stop
-            self.stats["prefill_chunks"] += 1
-            if req.prompt_lps is not None:
-                self._score_prompt(req, logits, start, stop)
-            if stop < len(req.prompt):
-                return
-            if req.prompt_lps is not None:
-                self._send(req, ("prompt", req.prompt_lps))
-            if req.limit <= 0:  # max_tokens=0: the prompt's logprobs were all that was asked
-                self._finish(req, "done", "length")
-                return
+            logits, chunks = self._prefill_forward(group)
         except Exception as e:
-            logger.exception("decode worker %d: prefilling request %d failed", self.id, req.id)
-            self._finish(req, "error", f"{type(e).__name__}: {e}")
+            if len(group) == 1:
+                logger.exception("decode worker %d: prefilling request %d failed", self.id, group[0].id)
+                self._finish(group[0], "error", f"{type(e).__name__}: {e}")
+                return
+            logger.warning("decode worker %d: prefill of %d requests failed (%s: %s); prefilling each alone", self.id,
+                           len(group), type(e).__name__, e)
+            for req in group:
+                self._prefill([req])
             return
-        self._sample_and_emit([req], logits[-1:])
+        done, last = [], []
+        for i, (req, (start, stop)) in enumerate(zip(group, chunks)):
+            try:  # one row's scoring / events failing ends that row only
+                req.pos = stop
+                self.stats["prefill_chunks"] += 1
+                if req.prompt_lps is not None:
+                    self._score_prompt(req, logits[i, :stop - start], start, stop)
+                if stop < len(req.prompt):
+                    continue
+                if req.prompt_lps is not None:
+                    self._send(req, ("prompt", req.prompt_lps))
+                if req.limit <= 0:  # max_tokens=0: the prompt's logprobs were all that was asked
+                    self._finish(req, "done", "length")
+                    continue
+                done.append(req)
+                last.append(logits[i, stop - start - 1])
+            except Exception as e:
+                logger.exception("decode worker %d: prefilling request %d failed", self.id, req.id)
+                self._finish(req, "error", f"{type(e).__name__}: {e}")
+        if done:
+            self._sample_and_emit(done, torch.stack(last))
+
+    def _prefill_forward(self, group):
+        first = group[0].slot
+        assert all(r.slot == first + i for i, r in enumerate(group)), "prefilling rows must be contiguous slots"
+        chunks = [(r.pos, min(len(r.prompt), r.pos + self.prefill_chunk)) for r in group]
+        width = max(stop - start for start, stop in chunks)
+        ids = [r.prompt[start:stop] + [0] * (width - (stop - start)) for r, (start, stop) in zip(group, chunks)]
+        view = self._rows(first, first + len(group))
+        try:
+            logits = decode_forward(self.model, torch.tensor(ids, dtype=torch.long, device=self.device), view,
+                                    self.device)
+        except Exception:
+            view.cache_seqlens.copy_(torch.tensor([start for start, _ in chunks], dtype=torch.int32))
+            raise
+        if width * len(group) > sum(stop - start for start, stop in chunks):  # padded: back to the real ends
+            view.cache_seqlens.copy_(torch.tensor([stop for _, stop in chunks], dtype=torch.int32))
+        self.stats["prefill_forwards"] += 1
+        return logits, chunks
 
     def _score_prompt(self, req, logits, start, stop):
         """Append the logprobs of prompt tokens max(start, 1)..stop-1 (token i is scored by the
@@ -416,7 +483,7 @@ class Worker:
         assert all(r.slot == i for i, r in enumerate(rows)), "decoding rows must be slots 0..d-1"
         try:
             ids = torch.tensor([[r.next_input] for r in rows], dtype=torch.long, device=self.device)
-            logits = decode_forward(self.model, ids, self.cache.rows(0, n), self.device)[:, -1, :]
+            logits = decode_forward(self.model, ids, self._rows(0, n), self.device)[:, -1, :]
         except Exception as e:  # the shared forward: every row of it fails, not the server
             logger.exception("decode worker %d: step failed", self.id)
             for req in rows:
@@ -442,14 +509,17 @@ class Worker:
             logits = logits.index_select(0, keep)
         try:
             params = RowParams([r.sampling_row() for r in live], self.device)
-            slots = torch.tensor([r.slot for r in live], dtype=torch.long, device=self.device)
-            counts = self.counts.index_select(0, slots) if params.penalties else None
+            counts = None
+            if params.penalties:
+                slots = torch.tensor([r.slot for r in live], dtype=torch.long, device=self.device)
+                counts = self.counts.index_select(0, slots)
             chosen = sample(logits.float(), params, counts)
             forced = [r.state.forced_tokens[0] if r.state.forced_tokens else -1 for r in live]
             if any(f >= 0 for f in forced):  # the tool's tokens replace the sample (step_row below agrees)
                 forced_t = torch.tensor(forced, dtype=torch.long, device=self.device)
                 chosen = torch.where(forced_t >= 0, forced_t, chosen)
-            self.counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=self.counts.dtype), accumulate=True)
+            if params.penalties:  # a row's penalties never change, so its counts are complete when it needs them
+                self.counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=self.counts.dtype), accumulate=True)
             k = max((r.logprobs for r in live if r.logprobs is not None), default=None)
             if k is not None:
                 lp, top_lp, top_ids = token_logprobs(logits, chosen, k)
