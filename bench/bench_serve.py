@@ -103,8 +103,11 @@ def nanochat_tokenizer(vocab_size):
                              mergeable_ranks=ranks, special_tokens=specials)
 
 
-def start(cmd, env, cwd, url, what):
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(cmd, env, cwd, url, what, log):
+    """Start a server whose output goes to the file `log` (a pipe nobody reads would fill up and
+    block the server's logging, i.e. the server)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while True:
         try:
@@ -114,7 +117,7 @@ def start(cmd, env, cwd, url, what):
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            raise SystemExit(f"the {what} server did not start:\n{proc.stderr.read()[-4000:]}")
+            raise SystemExit(f"the {what} server did not start:\n{Path(log).read_text()[-4000:]}")
         time.sleep(0.3)
 
 
@@ -124,7 +127,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_nanopipe(args, max_batch):
+def start_nanopipe(args, max_batch, log):
     port = free_port()
     cmd = [sys.executable, __file__, "--server", "--port", str(port), f"--threads={args.threads}",
            f"--depth={args.depth}", f"--vocab-size={args.vocab_size}", f"--seq-len={args.seq_len}",
@@ -132,7 +135,7 @@ def start_nanopipe(args, max_batch):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO / "src"), str(Path(__file__).parent),
                                                                     os.environ.get("PYTHONPATH", "")] if p)}
     url = f"http://127.0.0.1:{port}"
-    return start(cmd, env, None, url, f"nanopipe (max_batch={max_batch})"), url
+    return start(cmd, env, None, url, f"nanopipe (max_batch={max_batch})", log), url
 
 
 def start_nanochat(args, base):
@@ -147,7 +150,7 @@ def start_nanochat(args, base):
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu", "--host", "127.0.0.1", "--port", str(port),
            "--source", "sft"]
-    return start(cmd, env, path, url, "nanochat"), url
+    return start(cmd, env, path, url, "nanochat", os.path.join(base, "server.log")), url
 
 
 # --- clients
@@ -209,14 +212,14 @@ def main():
     procs, servers = [], {}
     with tempfile.TemporaryDirectory(prefix="nanochat-base-") as base:
         try:
-            proc, servers["nanopipe"] = start_nanopipe(args, args.max_batch)
+            proc, servers["nanopipe"] = start_nanopipe(args, args.max_batch, os.path.join(base, "nanopipe.log"))
             procs.append(proc)
             if args.nanochat:
                 baseline = "nanochat"
                 proc, servers[baseline] = start_nanochat(args, base)
             else:
                 baseline = "nanopipe max_batch=1"
-                proc, servers[baseline] = start_nanopipe(args, 1)
+                proc, servers[baseline] = start_nanopipe(args, 1, os.path.join(base, "serial.log"))
             procs.append(proc)
             for url in servers.values():  # warm-up
                 asyncio.run(run_clients(url, 2, 1, 8))
