@@ -23,6 +23,18 @@ report gives the median and [min, max] over --reps repetitions, and the per-repe
 
 Targets (issue 16): nanopipe/nanochat tok/s >= 1.0x at 1 client, >= 4.5x at 8, >= 5x at 16; TTFT
 at 8 clients <= 10% of nanochat's.
+
+Measured (2-core dev machine shared with ~10 other busy processes, load average 9-13, so every
+absolute figure is several times below an idle machine's and the ranges are wide; --threads 1,
+nanochat @21a7774; ratios are nanopipe / nanochat per interleaved repetition, median [min, max]):
+    run A, 3 reps:  1 client 1.27x [0.89, 1.34]; 8 clients 5.51x [2.52, 6.77], TTFT 0.074x;
+                    16 clients 5.23x [4.17, 5.60], TTFT 0.042x
+    run B, 5 reps:  1 client 0.82x [0.54, 0.91]; 8 clients 5.86x [2.58, 10.07], TTFT 0.065x;
+                    16 clients 7.08x [4.00, 8.12], TTFT 0.048x
+At 1 client the two runs disagree: py-spy on the server (1 client, same load) puts 77% of the
+decode thread in the forward, 6% in sampling and 12% in handing each token to the event loop
+(`emit` -> `call_soon_threadsafe`, a cross-thread wake per token that nanochat, decoding inside
+its event loop, does not pay); under CPU contention that hand-off is where the lone stream loses.
 """
 from __future__ import annotations
 
