@@ -23,6 +23,18 @@ report gives the median and [min, max] over --reps repetitions, and the per-repe
 
 Targets (issue 16): nanopipe/nanochat tok/s >= 1.0x at 1 client, >= 4.5x at 8, >= 5x at 16; TTFT
 at 8 clients <= 10% of nanochat's.
+
+Measured (2-core dev machine shared with ~10 other busy processes, load average 9-13, so every
+absolute figure is several times below an idle machine's and the ranges are wide; --threads 1,
+nanochat @21a7774; ratios are nanopipe / nanochat per interleaved repetition, median [min, max]):
+    run A, 3 reps:  1 client 1.27x [0.89, 1.34]; 8 clients 5.51x [2.52, 6.77], TTFT 0.074x;
+                    16 clients 5.23x [4.17, 5.60], TTFT 0.042x
+    run B, 5 reps:  1 client 0.82x [0.54, 0.91]; 8 clients 5.86x [2.58, 10.07], TTFT 0.065x;
+                    16 clients 7.08x [4.00, 8.12], TTFT 0.048x
+At 1 client the two runs disagree: py-spy on the server (1 client, same load) puts 77% of the
+decode thread in the forward, 6% in sampling and 12% in handing each token to the event loop
+(`emit` -> `call_soon_threadsafe`, a cross-thread wake per token that nanochat, decoding inside
+its event loop, does not pay); under CPU contention that hand-off is where the lone stream loses.
 """
 from __future__ import annotations
 
@@ -103,8 +115,11 @@ def nanochat_tokenizer(vocab_size):
                              mergeable_ranks=ranks, special_tokens=specials)
 
 
-def start(cmd, env, cwd, url, what):
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(cmd, env, cwd, url, what, log):
+    """Start a server whose output goes to the file `log` (a pipe nobody reads would fill up and
+    block the server's logging, i.e. the server)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while True:
         try:
@@ -114,7 +129,7 @@ def start(cmd, env, cwd, url, what):
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            raise SystemExit(f"the {what} server did not start:\n{proc.stderr.read()[-4000:]}")
+            raise SystemExit(f"the {what} server did not start:\n{Path(log).read_text()[-4000:]}")
         time.sleep(0.3)
 
 
@@ -124,7 +139,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_nanopipe(args, max_batch):
+def start_nanopipe(args, max_batch, log):
     port = free_port()
     cmd = [sys.executable, __file__, "--server", "--port", str(port), f"--threads={args.threads}",
            f"--depth={args.depth}", f"--vocab-size={args.vocab_size}", f"--seq-len={args.seq_len}",
@@ -132,7 +147,7 @@ def start_nanopipe(args, max_batch):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO / "src"), str(Path(__file__).parent),
                                                                     os.environ.get("PYTHONPATH", "")] if p)}
     url = f"http://127.0.0.1:{port}"
-    return start(cmd, env, None, url, f"nanopipe (max_batch={max_batch})"), url
+    return start(cmd, env, None, url, f"nanopipe (max_batch={max_batch})", log), url
 
 
 def start_nanochat(args, base):
@@ -147,7 +162,7 @@ def start_nanochat(args, base):
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu", "--host", "127.0.0.1", "--port", str(port),
            "--source", "sft"]
-    return start(cmd, env, path, url, "nanochat"), url
+    return start(cmd, env, path, url, "nanochat", os.path.join(base, "server.log")), url
 
 
 # --- clients
@@ -209,14 +224,14 @@ def main():
     procs, servers = [], {}
     with tempfile.TemporaryDirectory(prefix="nanochat-base-") as base:
         try:
-            proc, servers["nanopipe"] = start_nanopipe(args, args.max_batch)
+            proc, servers["nanopipe"] = start_nanopipe(args, args.max_batch, os.path.join(base, "nanopipe.log"))
             procs.append(proc)
             if args.nanochat:
                 baseline = "nanochat"
                 proc, servers[baseline] = start_nanochat(args, base)
             else:
                 baseline = "nanopipe max_batch=1"
-                proc, servers[baseline] = start_nanopipe(args, 1)
+                proc, servers[baseline] = start_nanopipe(args, 1, os.path.join(base, "serial.log"))
             procs.append(proc)
             for url in servers.values():  # warm-up
                 asyncio.run(run_clients(url, 2, 1, 8))

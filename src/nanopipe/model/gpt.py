@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanopipe.model.attention import flash_attn
+from nanopipe.model.attention import RowPositions, flash_attn
 from nanopipe.model.fused_ce import linear_softcap_cross_entropy
 from nanopipe.model.optim import DistMuonAdamW, MuonAdamW
 from nanopipe.runtime import print0
@@ -120,8 +120,7 @@ class CausalSelfAttention(nn.Module):
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
-                                                   causal=True, window_size=window_size,
-                                                   per_row=kv_cache.per_row and B > 1)
+                                                   causal=True, window_size=window_size, rows=kv_cache.row_positions)
             if self.layer_idx == kv_cache.n_layers - 1:
                 kv_cache.advance(T)  # once per forward, after every layer wrote at the same position
         y = y.contiguous().view(B, T, -1)
@@ -346,10 +345,14 @@ class GPT(nn.Module):
         dtype = self.rotary_dtype(idx.device.type)
         if kv_cache is not None and kv_cache.per_row and B > 1:
             # rows at their own positions (the serving scheduler, D14): row b's token t is at
-            # cache_seqlens[b] + t; a one-row cache takes the shared path below (same arithmetic)
-            pos = kv_cache.cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
+            # cache_seqlens[b] + t, worked out once for every layer; a one-row cache takes the
+            # shared path below (same arithmetic)
+            kv_cache.row_positions = RowPositions(kv_cache.cache_seqlens, T)
+            pos = kv_cache.row_positions.qpos  # (B, T)
             cos_sin = self.cos[0, pos].to(dtype), self.sin[0, pos].to(dtype)  # (B, T, 1, D/2)
         else:
+            if kv_cache is not None:
+                kv_cache.row_positions = None
             T0 = 0 if kv_cache is None else kv_cache.get_pos()
             assert T0 + T <= self.cos.size(1), f"KV-cache position {T0}+{T} beyond the rotary cache ({self.cos.size(1)})"
             cos_sin = self.cos[:, T0:T0 + T].to(dtype), self.sin[:, T0:T0 + T].to(dtype)

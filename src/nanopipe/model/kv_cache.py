@@ -33,6 +33,7 @@ class KVCache:
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.row_positions = None  # set by GPT.forward for the forward in progress (per-row, several rows)
 
     def reset(self):
         self.cache_seqlens.zero_()
