@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from nanopipe import artifacts, paths
-from nanopipe.config import ConfigError, load_config, select
+from nanopipe.config import ConfigError, OverrideError, load_config, select
 from nanopipe.runtime import (
     Device,
     check_shared_workdir,
@@ -191,6 +192,9 @@ def main(module: ModuleType, argv: list[str]) -> None:
         parsed = module.parse_options(options, select(cfg, module.PARAMS)) if hasattr(module, "parse_options") else None
         run_stage(module, cfg, parsed)
     # bad input, a full disk, a diverged loss: one line naming the key, the file or the step, no traceback
+    except OverrideError as e:  # a mistyped command line: a usage error, exit 2 as argparse
+        print(f"nanopipe {name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ConfigError, artifacts.MissingInput, artifacts.StageFailed) as e:
         raise SystemExit(f"nanopipe {name}: {e}") from None
 
