@@ -88,6 +88,7 @@ class RuntimeConfig:
     rdzv_backend: str = one_of("static", "c10d")
     rdzv_endpoint: str = MISSING
     srun_args: str = MISSING
+    progress_interval: float = at_least(0)
 
 
 @dataclass

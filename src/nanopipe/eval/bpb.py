@@ -11,7 +11,7 @@ import math
 import torch
 
 from nanopipe.data.loader import tokenizing_distributed_data_loader_bos_bestfit
-from nanopipe.runtime import Device, all_reduce
+from nanopipe.runtime import Device, Progress, all_reduce
 
 
 def _model_device(model) -> torch.device:
@@ -40,7 +40,9 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float
     total_nats = torch.tensor(0.0, dtype=torch.float32, device=device)
     total_bytes = torch.tensor(0, dtype=torch.int64, device=device)
     batch_iter = iter(batches)
+    progress = Progress("bpb", steps, "batch")
     for step in range(steps):
+        progress.update(step)
         try:
             x, y = next(batch_iter)[:2]
         except StopIteration:
