@@ -66,7 +66,7 @@ def test_old_turns_are_dropped_to_fit_the_context():
         # "short" (8 tokens) fits beside the first exchange (1 + 64 + 8 + 20 <= 128); the third message does not
         "(2 earlier messages no longer fit the model's 128-token context and were dropped)",
         "(message not sent: the message is 203 tokens; with 20 tokens kept for the reply it does not fit the "
-        "model's 128-token context. Shorten it)"]
+        "model's context (128 tokens). Shorten it)"]
     assert "earlier" not in out.getvalue()  # notices never mix into the conversation
 
 

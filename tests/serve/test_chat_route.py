@@ -60,7 +60,7 @@ def test_only_a_message_that_alone_does_not_fit_is_refused(url):
     r = httpx.post(f"{url}/chat/completions", json={"messages": [{"role": "user", "content": "x" * 100}]})
     assert r.status_code == 400
     assert r.json() == {"detail": "The message is 102 tokens; with 32 tokens kept for the reply it does not fit the "
-                                  "model's 128-token context. Shorten it"}
+                                  "model's context (128 tokens). Shorten it"}
 
 
 def test_openai_route_keeps_refusing_over_long_input_and_renders_tool_calls(url):

@@ -83,7 +83,7 @@ def test_first_kept_drops_whole_groups_oldest_first():
     assert first_kept([40, 30, 10], 1, 100, 20) == 1  # 1 + 30 + 10 + 20 = 61
     assert first_kept([40, 30, 10], 1, 60, 20) == 2
     with pytest.raises(ContextFull, match="the message is 60 tokens; with 20 tokens kept for the reply it does "
-                                          "not fit the model's 64-token context"):
+                                          "not fit the model's context \\(64 tokens\\)"):
         first_kept([5, 60], 1, 64, 20)
 
 

@@ -50,7 +50,7 @@ def first_kept(lengths: list[int], fixed: int, context: int, reserve: int) -> in
             break
         total -= n
     raise ContextFull(f"the message is {lengths[-1] if lengths else 0} tokens; with {reserve} tokens kept for the "
-                      f"reply it does not fit the model's {context}-token context. Shorten it")
+                      f"reply it does not fit the model's context ({context} tokens). Shorten it")
 
 
 def notice(dropped: int, context: int) -> str:
@@ -91,5 +91,5 @@ def fit_conversation(tokenizer, conversation: list[tuple[str, str]], context: in
             return Fitted(prompt, dropped, min(max_tokens, context - len(prompt)))
         if start == len(exchanges) - 1:
             raise ContextFull(f"the message is {len(prompt)} tokens; with {reserve} tokens kept for the reply it "
-                              f"does not fit the model's {context}-token context. Shorten it")
+                              f"does not fit the model's context ({context} tokens). Shorten it")
         start += 1
