@@ -175,9 +175,12 @@ def print_cfg(module, overrides: list[str], which: str) -> None:
 
 
 def run_stage_command(command: str, argv: list[str]) -> None:
-    from nanopipe import stage
-    from nanopipe.config import ConfigError, OverrideError
+    from nanopipe.config import ConfigError, OverrideError, check_overrides, presets
 
+    try:  # a typo is told before the stage's imports (torch: seconds) are paid for
+        check_overrides([a for a in argv if "=" in a and not a.startswith("-")], presets("conf"), composing=False)
+    except OverrideError as e:
+        usage_error(command, str(e))
     module = importlib.import_module(f"nanopipe.stages.{command}")
     wants_help = any(a in ("-h", "--help") for a in argv)
     argv = [a for a in argv if a not in ("-h", "--help")]
@@ -201,6 +204,8 @@ def run_stage_command(command: str, argv: list[str]) -> None:
         except ConfigError as e:
             raise SystemExit(f"nanopipe {command}: {e}") from None
         return
+    from nanopipe import stage
+
     stage.main(module, own + overrides)
 
 

@@ -20,9 +20,7 @@ import pytest
 from helpers import REPO, make_cfg, require_module, require_tool
 from nanopipe.serving.app import create_app, run_in_thread
 from script_double import ScriptModel
-from serve_doubles import ASSISTANT_END, OUTPUT_END, PYTHON_END, PYTHON_START, ChatByteTokenizer, SlowModel
-
-pytestmark = pytest.mark.slow
+from serve_doubles import ASSISTANT_END, OUTPUT_END, PYTHON_END, PYTHON_START, ChatByteTokenizer, SlowModel, tiny_gpt
 
 CONTEXT = 512  # a quarter (128 tokens) is kept for the reply: the scripted one (~115) is never cut
 # what the double says: markdown, a calculator call (the engine forces its result in), and HTML that
@@ -191,6 +189,35 @@ def test_ten_turns_rolling_context_markdown_and_tool_call(browser, tmp_path):
     if os.environ.get("NANOPIPE_UPDATE_SCREENSHOT"):
         (REPO / "docs/img").mkdir(parents=True, exist_ok=True)
         (REPO / "docs/img/chat-ui.png").write_bytes(png)
+
+
+def test_ten_turns_with_a_real_tiny_model(browser):
+    """The same conversation against a real (random-weight) GPT with a 256-token context: every turn is
+    answered, and once the turns outgrow the context the notice says how many messages were dropped."""
+    app = create_app(tiny_gpt(sequence_len=256, seed=1), ChatByteTokenizer(), serve_cfg(max_batch=4))
+    server, thread, url = start(app)
+
+    async def conversation(page):
+        out = []
+        for i in range(10):
+            out.append(await page.js(f"""(async () => {{
+                chatInput.value = 'Turn {i + 1}: tell me about the weather today';
+                await sendMessage();
+                const err = chatWrapper.querySelector('.error-message');
+                const notice = document.getElementById('contextNotice');
+                return [messages.length, err && err.textContent, notice && notice.textContent];
+            }})()"""))
+        return out
+
+    try:
+        turns = in_page(browser, url + "/", conversation)
+    finally:
+        stop(server, thread)
+    assert [t[0] for t in turns] == [2 * (i + 1) for i in range(10)]
+    assert all(t[1] is None for t in turns), [t[1] for t in turns]
+    notices = [t[2] for t in turns if t[2]]
+    assert notices and all(n.endswith("earlier messages no longer fit the model's 256-token context and were dropped")
+                           for n in notices)
 
 
 def test_stop_button_cancels_the_generation_on_the_server(browser):
