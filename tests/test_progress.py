@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, make_repo_copy, run, subprocess_env
+from helpers import make_repo_copy, run, subprocess_env
 from nanopipe import runtime
 
 LINE = re.compile(r"^\d\d:\d\d:\d\d \[nanopipe\] ")
