@@ -77,3 +77,16 @@ def test_compose_refuses_unknown_presets_and_keys_cleanly(tmp_path):
         assert not (tmp_path / "params.yaml").exists()
     p = nanopipe("compose", "experiment=tiny", cwd=tmp_path)
     assert p.returncode == 0 and (tmp_path / "params.yaml").exists()
+
+
+def test_option_values_and_overrides_are_told_apart(monkeypatch):
+    """A stage's own option takes the next word as its value unless that word sets a config key: a
+    prompt may hold '='; habit options become overrides."""
+    from nanopipe.cli import translate
+    from nanopipe.stages import chat, serve
+
+    monkeypatch.chdir(REPO)  # presets are read from conf/
+    assert translate("chat", chat, ["--prompt", "x=1 or y?", "--seed", "3", "serve.top_k=5", "--device", "cpu"]) == \
+        (["--prompt", "x=1 or y?", "--seed", "3"], ["serve.top_k=5", "runtime.device=cpu"])
+    assert translate("chat", chat, ["-p", "hi", "serve.source=sft"]) == (["-p", "hi"], ["serve.source=sft"])
+    assert translate("serve", serve, ["--port=8001", "--host", "0.0.0.0"]) == ([], ["serve.port=8001", "serve.host=0.0.0.0"])

@@ -98,11 +98,20 @@ def translate(command: str, module, argv: list[str]) -> tuple[list[str], list[st
                 usage_error(command, f"unknown option {arg}; options: {', '.join(mapped)}, --help, --cfg job; "
                                      "anything else is a key=value override")
             own.append(arg)  # the stage's parser takes it, and its value if it has one
-            if not eq and rest and not rest[0].startswith("-") and "=" not in rest[0]:
+            if not eq and rest and not rest[0].startswith("-") and not is_override(rest[0]):
                 own.append(rest.pop(0))
         else:
             overrides.append(arg)
     return own, overrides
+
+
+def is_override(arg: str) -> bool:
+    """`arg` sets a config key or picks a preset (so `--prompt "x=1"` is a prompt, `model.depth=2` an override)."""
+    from nanopipe.config import presets, schema_keys
+
+    key, eq, _ = arg.partition("=")
+    key = key.lstrip("+~")
+    return bool(eq) and (key in schema_keys() or key in presets("conf") or key.split(".")[0] == "hydra")
 
 
 def dvc_entry(command: str) -> tuple[Path, dict] | None:
@@ -178,7 +187,9 @@ def run_stage_command(command: str, argv: list[str]) -> None:
     from nanopipe.config import ConfigError, OverrideError, check_overrides, presets
 
     try:  # a typo is told before the stage's imports (torch: seconds) are paid for
-        check_overrides([a for a in argv if "=" in a and not a.startswith("-")], presets("conf"), composing=False)
+        check_overrides([a for i, a in enumerate(argv) if "=" in a and not a.startswith("-") and not
+                         (i and argv[i - 1].startswith("-") and "=" not in argv[i - 1] and not is_override(a))],
+                        presets("conf"), composing=False)
     except OverrideError as e:
         usage_error(command, str(e))
     module = importlib.import_module(f"nanopipe.stages.{command}")
