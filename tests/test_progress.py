@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import make_repo_copy, run, subprocess_env
+
 from nanopipe import runtime
 
 LINE = re.compile(r"^\d\d:\d\d:\d\d \[nanopipe\] ")

@@ -2,7 +2,6 @@
 import weakref
 
 import torch
-
 from serve_doubles import MockModel
 
 

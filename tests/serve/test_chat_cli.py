@@ -1,10 +1,11 @@
 """Terminal chat (run_chat): one-shot and interactive loops, UTF-8 safe streaming, context trimming."""
 import io
 
+from serve_doubles import ChatByteTokenizer, scripted_reply_model, tiny_gpt
+
+from nanopipe.inference.engine import Engine
 from nanopipe.serving.app import render_prompt
 from nanopipe.stages.chat import run_chat
-from nanopipe.inference.engine import Engine
-from serve_doubles import ChatByteTokenizer, scripted_reply_model, tiny_gpt
 
 REPLY = "Hi é€😀!"
 
@@ -26,7 +27,7 @@ def inputs(*lines):
         try:
             return next(it)
         except StopIteration:
-            raise EOFError
+            raise EOFError from None
     return fn
 
 
@@ -89,9 +90,8 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
 from helpers import make_cfg, subprocess_env  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 TEN_TURNS = ["hello there", "what is two plus two", "tell me more", "and then?", "why so", "go on",
              "one more thing", "are you sure", "ok thanks", "bye now"]
@@ -100,10 +100,11 @@ TEN_TURNS = ["hello there", "what is two plus two", "tell me more", "and then?",
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
     """params.yaml (smoke), a byte-level tokenizer and an untrained 128-token-context model as models/sft."""
+    from serve_doubles import byte_level_tokenizer
+
     from nanopipe import paths
     from nanopipe.model.checkpoint import save_checkpoint
     from nanopipe.model.gpt import config_from_depth, create_model
-    from serve_doubles import byte_level_tokenizer
 
     d = tmp_path_factory.mktemp("chat")
     (d / "params.yaml").write_text(OmegaConf.to_yaml(make_cfg("experiment=smoke", "runtime.threads=1")))

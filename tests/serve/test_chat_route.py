@@ -4,11 +4,11 @@ import json
 
 import httpx
 import pytest
-
 from helpers import make_cfg
-from nanopipe.serving.app import create_app, run_in_thread
 from script_double import ScriptModel
 from serve_doubles import ASSISTANT_END, OUTPUT_END, PYTHON_END, PYTHON_START, ChatByteTokenizer
+
+from nanopipe.serving.app import create_app, run_in_thread
 
 CONTEXT = 128  # a quarter, 32 tokens, is kept for the reply
 

@@ -1,11 +1,11 @@
 """The calculator tool's call and result rendered readably (ToolText), and the rolling context
 (chat_context) that lets a conversation outgrow the model's context."""
 import pytest
+from serve_doubles import ChatByteTokenizer, byte_level_tokenizer
 
 from nanopipe.inference.chat_context import ContextFull, first_kept, fit_conversation, notice, reply_reserve
 from nanopipe.inference.tool_text import ToolText, render_tokens
 from nanopipe.serving.schemas import render_prompt
-from serve_doubles import ChatByteTokenizer, byte_level_tokenizer
 
 TOKENIZERS = {"real": byte_level_tokenizer, "double": ChatByteTokenizer}  # the double's decode drops specials
 

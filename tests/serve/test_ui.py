@@ -16,11 +16,11 @@ import time
 
 import httpx
 import pytest
-
 from helpers import REPO, make_cfg, require_module, require_tool
-from nanopipe.serving.app import create_app, run_in_thread
 from script_double import ScriptModel
 from serve_doubles import ASSISTANT_END, OUTPUT_END, PYTHON_END, PYTHON_START, ChatByteTokenizer, SlowModel, tiny_gpt
+
+from nanopipe.serving.app import create_app, run_in_thread
 
 CONTEXT = 512  # a quarter (128 tokens) is kept for the reply: the scripted one (~115) is never cut
 # what the double says: markdown, a calculator call (the engine forces its result in), and HTML that
