@@ -34,6 +34,7 @@ def test_stage_help_says_what_it_reads_writes_and_its_current_config():
     assert chat.returncode == 0 and "not a DVC stage" in chat.stdout and "--seed SEED" in chat.stdout
 
 
+@pytest.mark.slow  # two CLI runs that load the stage (torch): ~20 s on a busy 2-core machine
 def test_cfg_job_prints_the_composed_config_with_habit_options():
     p = nanopipe("serve", "--port", "8001", "--host=0.0.0.0", "--cfg", "job", "serve.max_batch=3")
     assert p.returncode == 0, p.stderr

@@ -76,3 +76,28 @@ def test_piped_training_stage_logs_status_lines_in_one_format(tmp_path):
     status = [STATUS.match(line) for line in lines if STATUS.match(line)]
     assert [int(m[1]) for m in status] == [1, 2, 3, 4] and {int(m[2]) for m in status} == {4}
     assert status[-1][3] == "0:00:00"  # nothing left at the last step
+
+
+def test_evaluation_loops_report_progress(monkeypatch, caplog):
+    """bpb's batches (base_eval, and pretrain/SFT validation) log status lines too."""
+    import torch
+
+    from nanopipe.eval.bpb import evaluate_bpb
+
+    class ZeroLoss(torch.nn.Module):
+        def forward(self, x, y, loss_reduction="none"):
+            return torch.zeros(y.numel())
+
+    clock = Clock()
+    monkeypatch.setattr(runtime.time, "time", clock)
+    monkeypatch.setattr(runtime, "PROGRESS_INTERVAL", [1.0])
+    monkeypatch.delenv("RANK", raising=False)
+    caplog.set_level("INFO", logger="nanopipe")
+
+    def batches():
+        for _ in range(4):
+            clock.now += 1.0  # a second a batch
+            yield torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
+    assert evaluate_bpb(ZeroLoss(), batches(), 4, torch.ones(8, dtype=torch.int64)) == 0.0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"bpb: batch {k}/4 ({25 * k}%) | elapsed 0:00:0{k} | ETA 0:00:0{4 - k}" for k in range(1, 5)]

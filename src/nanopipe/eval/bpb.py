@@ -42,7 +42,6 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float
     batch_iter = iter(batches)
     progress = Progress("bpb", steps, "batch")
     for step in range(steps):
-        progress.update(step)
         try:
             x, y = next(batch_iter)[:2]
         except StopIteration:
@@ -52,6 +51,7 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float
         # where(), not a product, so a nan/inf loss at an unscored position cannot leak in
         total_nats += torch.where(nbytes > 0, loss, torch.zeros_like(loss)).sum().to(device)
         total_bytes += nbytes.sum().to(device=device, dtype=torch.int64)
+        progress.update(step + 1)
     all_reduce(total_nats)
     all_reduce(total_bytes)
     total_nats, total_bytes = total_nats.item(), total_bytes.item()
