@@ -438,9 +438,9 @@ def check_overrides(overrides: list[str], groups: dict[str, list[str]], composin
             raise OverrideError(f"cannot parse the override {line!r}: {str(e).splitlines()[0]} "
                                 "(Hydra's syntax: key=value, e.g. model.depth=4)") from None
         key = override.key_or_group
-        if key in groups and "." not in key:
+        if key in groups and "." not in key and isinstance(override.value(), str):  # model={depth: 3} sets keys
             options, value = groups[key], override.value()
-            if not isinstance(value, str) or value not in options:
+            if value not in options:
                 raise OverrideError(f"no preset {key}={value}; available: {', '.join(options)}")
             if not composing:
                 raise OverrideError(f"{line} picks a preset, which stages cannot: they read params.yaml. "
