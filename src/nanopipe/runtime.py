@@ -87,7 +87,7 @@ def log0(message: str, level: int = logging.INFO) -> None:
 # would say nothing for minutes. Progress logs one status line with an ETA every
 # `runtime.progress_interval` seconds (0: off) in the one log format. The stage contract sets the
 # interval; the key is not a DVC param of any stage, as how often a stage reports cannot change its
-# outputs (docs/decisions.md D15).
+# outputs (docs/decisions.md D17).
 
 PROGRESS_INTERVAL = [30.0]  # seconds; set once per process by nanopipe.stage.main
 

@@ -190,7 +190,7 @@ def main(module: ModuleType, argv: list[str]) -> None:
         if options and not hasattr(module, "parse_options"):
             raise ConfigError(f"takes no options ({' '.join(options)}); configure it with key=value overrides")
         cfg = load_config(overrides)
-        set_progress_interval(cfg.runtime.progress_interval)  # read outside PARAMS on purpose (D15)
+        set_progress_interval(cfg.runtime.progress_interval)  # read outside PARAMS on purpose (D17)
         parsed = module.parse_options(options, select(cfg, module.PARAMS)) if hasattr(module, "parse_options") else None
         run_stage(module, cfg, parsed)
     # bad input, a full disk, a diverged loss: one line naming the key, the file or the step, no traceback

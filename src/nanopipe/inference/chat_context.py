@@ -4,7 +4,7 @@ Used by the two chat surfaces that hold a conversation, `nanopipe chat` and the 
 /chat/completions (the OpenAI route keeps refusing an over-long conversation, as OpenAI does).
 nanopipe's models have short contexts (256 tokens at the smoke/cpu presets), so a chat of a few
 turns outgrows them; refusing the next turn (a 400) or forgetting every earlier turn (reserving the
-whole context for the reply) both dead-end the conversation. Instead (docs/decisions.md, D14):
+whole context for the reply) both dead-end the conversation. Instead (docs/decisions.md, D16):
 
 - a reply is guaranteed `reply_reserve` tokens: min(max_tokens, max(MIN_REPLY, context // 4)), a
   quarter of the context, so three quarters are left for history; the reply may then use

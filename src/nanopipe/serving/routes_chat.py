@@ -6,7 +6,7 @@
                             (or {"error": ...})
 
 The UI holds a conversation, so this route has a rolling context (nanopipe.inference.chat_context,
-docs/decisions.md D14): when the conversation plus room for a reply outgrows the model's context,
+docs/decisions.md D16): when the conversation plus room for a reply outgrows the model's context,
 the oldest exchanges are left out of the prompt and the stream opens with a `notice` event saying
 how many messages were dropped; only a newest message that alone does not fit is refused (400).
 The OpenAI route keeps OpenAI's semantics (an over-long conversation is a 400).

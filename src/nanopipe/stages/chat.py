@@ -9,7 +9,7 @@ stream as they decode, never splitting a UTF-8 character, calculator calls shown
 "🧮 `expr` → result" (nanopipe.inference.tool_text). The conversation is kept as tokens (the
 model sees its own tool calls as it made them); when it no longer fits the model's context with
 room for a reply, the oldest exchanges are dropped and a line on stderr says so (rolling context,
-nanopipe.inference.chat_context, docs/decisions.md D14). Everything that is not the conversation
+nanopipe.inference.chat_context, docs/decisions.md D16). Everything that is not the conversation
 (logs, notices) goes to stderr, so `nanopipe chat --prompt ... > out.txt` captures just the reply.
 """
 from __future__ import annotations
