@@ -205,7 +205,8 @@ def test_ten_turns_with_a_real_tiny_model(browser):
                 await sendMessage();
                 const err = chatWrapper.querySelector('.error-message');
                 const notice = document.getElementById('contextNotice');
-                return [messages.length, err && err.textContent, notice && notice.textContent];
+                const replies = chatWrapper.querySelectorAll('.message.assistant').length;
+                return [messages.length, err && err.textContent, notice && notice.textContent, replies];
             }})()"""))
         return out
 
@@ -213,8 +214,11 @@ def test_ten_turns_with_a_real_tiny_model(browser):
         turns = in_page(browser, url + "/", conversation)
     finally:
         stop(server, thread)
-    assert [t[0] for t in turns] == [2 * (i + 1) for i in range(10)]
-    assert all(t[1] is None for t in turns), [t[1] for t in turns]
+    assert all(t[1] is None for t in turns), [t for t in turns if t[1]]
+    # every turn has its reply bubble; an empty reply (the model ended its turn at once) is shown as such
+    # and left out of the conversation, which would otherwise be refused next turn (empty content)
+    assert [t[3] for t in turns] == list(range(1, 11))
+    assert [t[0] for t in turns][-1] >= 11 and all(b - a in (1, 2) for a, b in zip([0] + [t[0] for t in turns], [t[0] for t in turns]))
     notices = [t[2] for t in turns if t[2]]
     assert notices and all(n.endswith("earlier messages no longer fit the model's 256-token context and were dropped")
                            for n in notices)
@@ -253,3 +257,30 @@ def test_stop_button_cancels_the_generation_on_the_server(browser):
     # the partial reply stays in the conversation, marked; the page is ready for the next message
     assert page["messages"] == 2 and len(page["raw"]) >= 5 and page["label"] == "(stopped)"
     assert not page["generating"] and page["send"] == "flex"
+
+
+def test_an_empty_reply_does_not_break_the_conversation(browser):
+    """A model that ends its turn at once: the bubble says so, and the next messages are still answered
+    (an empty assistant message sent back would be refused: 'Message 1 has empty content')."""
+    app = create_app(ScriptModel([ASSISTANT_END], CONTEXT), ChatByteTokenizer(), serve_cfg(max_batch=4))
+    server, thread, url = start(app)
+
+    async def three_turns(page):
+        return await page.js("""(async () => {
+            const errors = [];
+            for (const text of ['first', 'second', 'third']) {
+                chatInput.value = text;
+                await sendMessage();
+                const err = chatWrapper.querySelector('.error-message');
+                errors.push(err && err.textContent);
+            }
+            return {roles: messages.map(m => m.role), errors,
+                    bubbles: Array.from(chatWrapper.querySelectorAll('.message.assistant')).map(b => b.textContent)};
+        })()""")
+
+    try:
+        out = in_page(browser, url + "/", three_turns)
+    finally:
+        stop(server, thread)
+    assert out["errors"] == [None, None, None]
+    assert out["roles"] == ["user", "user", "user"] and out["bubbles"] == ["(no reply)"] * 3
