@@ -64,6 +64,7 @@ RANGES = {
     "runtime.nnodes": at_least(1),
     "runtime.launcher": one_of("auto", "slurm", "torchrun"),
     "runtime.rdzv_backend": one_of("static", "c10d"),
+    "runtime.progress_interval": at_least_float(0),
     # data
     "data.source": one_of("embedded", "fineweb_edu", "url"),
     "data.num_train_shards": at_least(1),

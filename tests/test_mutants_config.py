@@ -196,7 +196,10 @@ def test_load_config_default_and_overrides(params, base):
     assert C.load_config(["model.depth=3"], str(params)).model.depth == 3
     assert error(C.load_config, ["data.val_shard=99"], params) == \
         "params.yaml + overrides ['data.val_shard=99']: `data.val_shard` = 99: expected an index in [0, data.total_shards=4)"
-    assert error(C.load_config, ["model.dpeth=3"], params) == "params.yaml + overrides ['model.dpeth=3']: Could not override 'model.dpeth'."
+    # a mistyped key is a usage error (OverrideError: exit 2) naming the closest key, before Hydra sees it
+    assert error(C.load_config, ["model.dpeth=3"], params) == "unknown config key model.dpeth (did you mean model.depth?)"
+    with pytest.raises(C.OverrideError):
+        C.load_config(["model.dpeth=3"], params)
 
 
 def test_load_config_bad_files(tmp_path):

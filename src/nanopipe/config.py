@@ -27,6 +27,11 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range."""
 
 
+class OverrideError(ConfigError):
+    """A command-line override names no config key or preset, or is not valid override syntax: a usage
+    error (`nanopipe` exits 2, as argparse does), told in one line with the closest valid spelling."""
+
+
 def bad_value(key: str, value: Any, expected: str, source: str = "params.yaml") -> ConfigError:
     return ConfigError(f"{source}: `{key}` = {value!r}: expected {expected}")
 
@@ -83,6 +88,7 @@ class RuntimeConfig:
     rdzv_backend: str = one_of("static", "c10d")
     rdzv_endpoint: str = MISSING
     srun_args: str = MISSING
+    progress_interval: float = at_least(0)
 
 
 @dataclass
@@ -397,6 +403,60 @@ def select(cfg: DictConfig, keys: Iterable[str]) -> DictConfig:
     return out
 
 
+def schema_keys(schema=Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections (`model`) and leaves (`model.depth`) alike."""
+    out = []
+    for f in fields(schema):
+        out.append(prefix + f.name)
+        if f.default_factory is not dataclasses.MISSING and is_dataclass(f.default_factory):
+            out += schema_keys(f.default_factory, f"{prefix}{f.name}.")
+    return out
+
+
+def presets(conf_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """{group: [option, ...]} of a conf/ directory (experiment: cpu, d12, ...)."""
+    conf = Path(conf_dir)
+    if not conf.is_dir():
+        return {}
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(conf.iterdir()) if d.is_dir()}
+
+
+def check_overrides(overrides: list[str], groups: dict[str, list[str]], composing: bool) -> None:
+    """Raise OverrideError for the first override Hydra would reject with a traceback or a vague line:
+    bad syntax, a key the schema does not have (naming the closest one), a preset that does not exist
+    (listing those that do). `composing`: the overrides compose conf/ (`nanopipe compose`), where
+    presets can be picked; otherwise they apply to params.yaml, which has none (a stage)."""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    keys = schema_keys()
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            (override,) = parser.parse_overrides([line])
+        except OverrideParseException as e:
+            raise OverrideError(f"cannot parse the override {line!r}: {str(e).splitlines()[0]} "
+                                "(Hydra's syntax: key=value, e.g. model.depth=4)") from None
+        key = override.key_or_group
+        if key in groups and "." not in key and isinstance(override.value(), str):  # model={depth: 3} sets keys
+            options, value = groups[key], override.value()
+            if value not in options:
+                raise OverrideError(f"no preset {key}={value}; available: {', '.join(options)}")
+            if not composing:
+                raise OverrideError(f"{line} picks a preset, which stages cannot: they read params.yaml. "
+                                    f"Run `nanopipe compose {line}` (rewrites params.yaml) first")
+            continue
+        if key in keys or key.split(".")[0] == "hydra":
+            continue
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        near = difflib.get_close_matches(key, [k for k in keys if k.startswith(section)] or keys, n=1, cutoff=0.6)
+        near = near or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]}?)" if near else f" (sections: {', '.join(f.name for f in fields(Config))})"
+        raise OverrideError(f"unknown config key {key}{hint}")
+
+
 def load_config(overrides: list[str], params: str | os.PathLike = "params.yaml") -> DictConfig:
     """params.yaml + Hydra overrides, validated."""
     from hydra import compose, initialize_config_dir
@@ -407,6 +467,7 @@ def load_config(overrides: list[str], params: str | os.PathLike = "params.yaml")
     params = Path(params).resolve()
     if not params.exists():
         raise ConfigError(f"{params} not found. Run from the repo root, or create it with `nanopipe compose`.")
+    check_overrides(overrides, presets(params.parent / "conf"), composing=False)
     regenerate = "regenerate it with `nanopipe compose` (from conf/) or restore it with `git checkout params.yaml`"
     try:
         params.read_bytes().decode("utf-8")
@@ -431,6 +492,7 @@ def compose_conf(overrides: list[str], conf_dir: str | os.PathLike = "conf") -> 
     """Compose conf/config.yaml with overrides and resolve it, as DVC's Hydra integration does."""
     from hydra import compose, initialize_config_dir
 
+    check_overrides(overrides, presets(conf_dir), composing=True)
     with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     OmegaConf.resolve(cfg)

@@ -16,6 +16,7 @@ import os
 import random
 import resource
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,29 +33,102 @@ def setup_logging() -> None:
     """One format for every process: `HH:MM:SS [rankN] message` under torchrun, `[nanopipe]` otherwise;
     INFO on rank 0, WARNING elsewhere (ranks > 0 would repeat rank 0's lines)."""
     rank = _env_rank()
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [{'rank%d' % rank if 'RANK' in os.environ else 'nanopipe'}] %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_EveryLine(f"%(asctime)s [{'rank%d' % rank if 'RANK' in os.environ else 'nanopipe'}] %(message)s",
+                                    datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[handler])
+    logging.captureWarnings(True)  # Python warnings in the same format, not warnings' own two-line one
     logging.getLogger("rustbpe").setLevel(logging.WARNING)  # per-merge progress lines
+
+
+class _EveryLine(logging.Formatter):
+    """Every line of a multi-line record (a traceback, a warning with its source line) carries the
+    time and tag too, so a log is one format line by line, for grep and for log collectors."""
+
+    def format(self, record):
+        text = super().format(record)
+        first, *rest = text.split("\n")
+        prefix = first[: first.index("] ") + 2] if "] " in first else ""
+        return "\n".join([first, *(prefix + line for line in rest)])
 
 
 def _env_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-def print0(s="", **kwargs) -> None:
-    """print() on rank 0 only (rank read from the torchrun env, so it works before init)."""
-    if _env_rank() == 0:
-        print(s, **kwargs)
+def print0(s="", end="\n", **kwargs) -> None:
+    """A line of rank-0 output (rank read from the torchrun env, so it works before init), logged: the
+    one log format, on stderr, so that stdout holds only what a command answers (`nanopipe chat
+    --prompt ... > out.txt`). Text printed with end="" waits for the rest of its line."""
+    if _env_rank() != 0:
+        return
+    text = "".join(_partial) + str(s) + end
+    _partial.clear()
+    if not text.endswith("\n"):
+        _partial.append(text)
+        return
+    for line in text[:-1].split("\n"):
+        logger.info(line)
+
+
+_partial: list[str] = []  # print0 text whose line has not ended yet
 
 
 def log0(message: str, level: int = logging.INFO) -> None:
     """logger.log() on rank 0 only."""
     if _env_rank() == 0:
         logger.log(level, message)
+
+
+# -----------------------------------------------------------------------------
+# Progress in logs that are not a terminal
+#
+# tqdm draws its bar only on a terminal; under `dvc repro` (stderr a pipe or a file) a long loop
+# would say nothing for minutes. Progress logs one status line with an ETA every
+# `runtime.progress_interval` seconds (0: off) in the one log format. The stage contract sets the
+# interval; the key is not a DVC param of any stage, as how often a stage reports cannot change its
+# outputs (docs/decisions.md D17).
+
+PROGRESS_INTERVAL = [30.0]  # seconds; set once per process by nanopipe.stage.main
+
+
+def set_progress_interval(seconds: float) -> None:
+    PROGRESS_INTERVAL[0] = float(seconds)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Progress:
+    """`update(done, detail)` in a loop of `total` units: every interval, on rank 0, a line like
+    `pretrain: step 120/400 (30%) | loss 3.2104, 1,234 tok/s | elapsed 0:02:00 | ETA 0:04:40`.
+    bar=True: the loop has a tqdm bar, so lines are logged only when stderr is not a terminal."""
+
+    def __init__(self, what: str, total: int | None, unit: str = "step", done: int = 0, bar: bool = False):
+        self.what, self.total, self.unit, self.done0 = what, total, unit, done
+        self.t0 = self.last = time.time()
+        interval = PROGRESS_INTERVAL[0]
+        self.on = _env_rank() == 0 and interval > 0 and not (bar and sys.stderr.isatty())
+
+    def update(self, done: int, detail: str = "") -> None:
+        if not self.on:
+            return
+        now = time.time()
+        if now - self.last < PROGRESS_INTERVAL[0]:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        rate = (done - self.done0) / elapsed if elapsed > 0 else 0.0
+        if self.total:
+            where = f"{self.unit} {done}/{self.total} ({100 * done / self.total:.0f}%)"
+            eta = _duration((self.total - done) / rate) if rate > 0 else "unknown (no unit done yet)"
+        else:
+            where, eta = f"{self.unit} {done}", "unknown (no fixed total)"
+        logger.info("%s: %s%s | elapsed %s | ETA %s", self.what, where, f" | {detail}" if detail else "",
+                    _duration(elapsed), eta)
 
 
 def print_banner() -> None:

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,13 +37,14 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from nanopipe import artifacts, paths
-from nanopipe.config import ConfigError, load_config, select
+from nanopipe.config import ConfigError, OverrideError, load_config, select
 from nanopipe.runtime import (
     Device,
     check_shared_workdir,
     die_with_parent,
     get_dist_info,
     is_multi_node,
+    set_progress_interval,
     setup_device,
     setup_logging,
 )
@@ -188,9 +190,13 @@ def main(module: ModuleType, argv: list[str]) -> None:
         if options and not hasattr(module, "parse_options"):
             raise ConfigError(f"takes no options ({' '.join(options)}); configure it with key=value overrides")
         cfg = load_config(overrides)
+        set_progress_interval(cfg.runtime.progress_interval)  # read outside PARAMS on purpose (D17)
         parsed = module.parse_options(options, select(cfg, module.PARAMS)) if hasattr(module, "parse_options") else None
         run_stage(module, cfg, parsed)
     # bad input, a full disk, a diverged loss: one line naming the key, the file or the step, no traceback
+    except OverrideError as e:  # a mistyped command line: a usage error, exit 2 as argparse
+        print(f"nanopipe {name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ConfigError, artifacts.MissingInput, artifacts.StageFailed) as e:
         raise SystemExit(f"nanopipe {name}: {e}") from None
 

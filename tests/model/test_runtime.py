@@ -54,18 +54,23 @@ def test_native_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
         assert runtime.compute_dtype("cpu") == (torch.bfloat16 if expected else torch.float32)
 
 
-def test_dist_info_and_print0(monkeypatch, capsys):
+def test_dist_info_and_print0(monkeypatch, capsys, caplog):
+    """print0 logs (stderr, the one format; stdout is for what a command answers) on rank 0 only."""
+    caplog.set_level("INFO", logger="nanopipe")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     assert runtime.get_dist_info() == (False, 0, 0, 1)
     runtime.print0("hello")
-    assert capsys.readouterr().out == "hello\n"
+    runtime.print0("part ", end="")  # a line printed in pieces is one record once it ends
+    runtime.print0("two\nthree")
+    assert [r.getMessage() for r in caplog.records] == ["hello", "part two", "three"]
+    assert capsys.readouterr().out == ""
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert runtime.get_dist_info() == (True, 1, 1, 4)
     runtime.print0("hidden")
-    assert capsys.readouterr().out == ""
+    assert len(caplog.records) == 3
 
 
 def test_compute_init_single_process(monkeypatch):

@@ -84,7 +84,7 @@ def test_health_stats_and_pages(scripted):
             "max_batch_seen", "workers"} <= set(s)
     assert s["workers"][0]["device"] == "cpu"
     page = httpx.get(f"{scripted}/")
-    assert page.status_code == 200 and "<title>NanoChat</title>" in page.text and "const API_URL = '';" in page.text
+    assert page.status_code == 200 and "<title>nanopipe</title>" in page.text and "const API_URL = '';" in page.text
     logo = httpx.get(f"{scripted}/logo.svg")
     assert logo.status_code == 200 and logo.headers["content-type"].startswith("image/svg+xml")
 

@@ -11,7 +11,7 @@ import math
 import torch
 
 from nanopipe.data.loader import tokenizing_distributed_data_loader_bos_bestfit
-from nanopipe.runtime import Device, all_reduce
+from nanopipe.runtime import Device, Progress, all_reduce
 
 
 def _model_device(model) -> torch.device:
@@ -40,6 +40,7 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float
     total_nats = torch.tensor(0.0, dtype=torch.float32, device=device)
     total_bytes = torch.tensor(0, dtype=torch.int64, device=device)
     batch_iter = iter(batches)
+    progress = Progress("bpb", steps, "batch")
     for step in range(steps):
         try:
             x, y = next(batch_iter)[:2]
@@ -50,6 +51,7 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float
         # where(), not a product, so a nan/inf loss at an unscored position cannot leak in
         total_nats += torch.where(nbytes > 0, loss, torch.zeros_like(loss)).sum().to(device)
         total_bytes += nbytes.sum().to(device=device, dtype=torch.int64)
+        progress.update(step + 1)
     all_reduce(total_nats)
     all_reduce(total_bytes)
     total_nats, total_bytes = total_nats.item(), total_bytes.item()

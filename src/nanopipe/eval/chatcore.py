@@ -19,7 +19,7 @@ import time
 import torch
 
 from nanopipe.inference.engine import Engine
-from nanopipe.runtime import all_reduce, get_dist_info
+from nanopipe.runtime import Progress, all_reduce, get_dist_info
 
 log = logging.getLogger("nanopipe.chat_eval")
 
@@ -64,7 +64,10 @@ def run_generative_eval(task, tokenizer, engine: Engine, num_samples: int, max_n
     _, rank, _, world = get_dist_info()
     device = torch.device(engine.model.get_device())
     passed = total = 0
-    for i in range(rank, _num_problems(task, max_problems), world):
+    n = _num_problems(task, max_problems)
+    progress = Progress(f"chat_eval {type(task).__name__}", n, "problem")
+    for i in range(rank, n, world):
+        progress.update(i)
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
         results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
@@ -97,7 +100,9 @@ def run_categorical_eval(task, tokenizer, model, batch_size: int, max_problems: 
         return letter_ids[letter]
 
     passed = total = 0
+    progress = Progress(f"chat_eval {type(task).__name__}", n, "problem")
     for b in range(rank, -(-n // batch_size), world):
+        progress.update(b * batch_size)
         conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, n))]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         width = max(len(p) for p in prompts)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 from nanopipe.artifacts import atomic_dir
-from nanopipe.runtime import Device, all_reduce, fetch_once, get_dist_info, print0
+from nanopipe.runtime import Device, Progress, all_reduce, fetch_once, get_dist_info, print0
 
 log = logging.getLogger("nanopipe.core")
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -299,7 +299,9 @@ def evaluate_task(model, tokenizer, data, device, task_meta, max_seq_len=None) -
     """Accuracy over `data`; rank r of W takes examples r, r+W, ... and the counts are all-reduced."""
     _, rank, _, world_size = get_dist_info()
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    progress = Progress(f"CORE {task_meta.get('label', '')}".rstrip(), len(data), "example")
     for idx in range(rank, len(data), world_size):
+        progress.update(idx)
         correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta, max_seq_len))
     return all_reduce(correct).mean().item()
 

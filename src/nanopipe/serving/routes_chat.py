@@ -2,7 +2,14 @@
 
     GET  /                  chat UI (ui.html, its API_URL pointed at this server)
     GET  /logo.svg          favicon
-    POST /chat/completions  SSE: data: {"token": ..., "gpu": i} ... data: {"done": true} (or {"error": ...})
+    POST /chat/completions  SSE: [data: {"notice": ...}] data: {"token": ..., "gpu": i} ... data: {"done": true}
+                            (or {"error": ...})
+
+The UI holds a conversation, so this route has a rolling context (nanopipe.inference.chat_context,
+docs/decisions.md D16): when the conversation plus room for a reply outgrows the model's context,
+the oldest exchanges are left out of the prompt and the stream opens with a `notice` event saying
+how many messages were dropped; only a newest message that alone does not fit is refused (400).
+The OpenAI route keeps OpenAI's semantics (an over-long conversation is a 400).
 
 Errors are {"detail": ...}: 401 without the API key (the UI stays open), 400 / 503 from
 validation (InvalidRequest, rendered by the app), FastAPI's 422 for a malformed body.
@@ -14,7 +21,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 
-from nanopipe.serving.schemas import ChatRequest, validate_chat
+from nanopipe.inference.chat_context import ContextFull, fit_conversation, notice
+from nanopipe.serving.schemas import ChatRequest, InvalidRequest, render_prompt, validate_chat
 from nanopipe.serving.state import UNAUTHORIZED, ServerState, StateDep, detail_error
 from nanopipe.serving.streaming import SSE_HEADERS, Generation, sse, text_events
 
@@ -42,14 +50,23 @@ async def chat_completions(body: ChatRequest, request: Request, state: StateDep)
         return detail_error(401, UNAUTHORIZED)
     state.check_ready()
     conversation = validate_chat(body)
-    prompt = state.prompt(conversation)
-    logger.debug("chat request: %s", conversation)
-    gen = state.generation("chat", prompt, body.temperature, body.top_k, body.max_tokens)
-    return StreamingResponse(chat_stream(state, gen), media_type="text/event-stream", headers=SSE_HEADERS)
+    context = state.scheduler.context_length
+    max_tokens = state.cfg.max_tokens if body.max_tokens is None else body.max_tokens
+    try:
+        fitted = fit_conversation(state.tokenizer, conversation, context, max_tokens, render_prompt)
+    except ContextFull as e:
+        raise InvalidRequest(str(e)[0].upper() + str(e)[1:], "messages") from None
+    logger.debug("chat request: %s (%d oldest messages dropped)", conversation, fitted.dropped)
+    gen = state.generation("chat", fitted.prompt, body.temperature, body.top_k, fitted.max_tokens)
+    opening = {"notice": notice(fitted.dropped, context), "dropped": fitted.dropped} if fitted.dropped else None
+    return StreamingResponse(chat_stream(state, gen, opening), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def chat_stream(state: ServerState, gen: Generation):
-    """nanochat's SSE events for `gen`, one network write per batch of decoded tokens."""
+async def chat_stream(state: ServerState, gen: Generation, opening=None):
+    """nanochat's SSE events for `gen`, one network write per batch of decoded tokens; `opening`
+    (the rolling context's notice) first."""
+    if opening is not None:
+        yield sse(opening)
     try:
         async with aclosing(text_events(state.scheduler, state.tokenizer, gen)) as batches:
             async for batch in batches:

@@ -37,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
 from nanopipe.inference.engine import TextStream
+from nanopipe.inference.tool_text import ToolText
 from nanopipe.serving.choices import Choice, RequestTimeout, ShuttingDown
 from nanopipe.serving.schemas import OpenAIChatRequest, OpenAICompletionRequest, validate_completion, validate_openai
 from nanopipe.serving.state import MODEL_NAME, UNAUTHORIZED, ServerState, StateDep, openai_error
@@ -159,7 +160,7 @@ def prompt_text_and_offsets(tokenizer, prompt):
 # -----------------------------------------------------------------------------
 # The shared machinery of both routes
 
-CHAT_DECODER = TextStream  # keep in step with streaming.text_events (the nanochat API's decoder)
+CHAT_DECODER = ToolText  # in step with streaming.text_events: calculator calls read "🧮 `expr` → result"
 
 
 @dataclass

@@ -3,7 +3,8 @@
 A Generation is one request's decode: its prompt and sampling parameters, then what happened
 (worker, tokens, finish reason) for the log line and the usage counts. token_events carries the
 scheduler's events (emitted on the decode thread) into the event loop, a batch at a time;
-text_events decodes them to UTF-8-safe text deltas. sse frames a payload as a server-sent event.
+text_events decodes them to UTF-8-safe text deltas, calculator calls rendered readably (ToolText).
+sse frames a payload as a server-sent event.
 """
 import asyncio
 import json
@@ -13,7 +14,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nanopipe.inference.engine import TextStream
+from nanopipe.inference.tool_text import ToolText
 
 logger = logging.getLogger("nanopipe.serve")
 
@@ -77,8 +78,9 @@ async def token_events(scheduler, gen: Generation):
 async def text_events(scheduler, tokenizer, gen: Generation):
     """token_events decoded: per batch a list of ("text", delta), then ("done", finish_reason) or
     ("error", message); a ("prompt", logprobs) event passes through unchanged (scheduler.py).
-    A delta never splits a UTF-8 character; counts tokens and the finish on `gen`."""
-    text = TextStream(tokenizer)
+    A delta never splits a UTF-8 character, and a calculator call reads as "🧮 `expr` → result"
+    (nanopipe.inference.tool_text); counts tokens and the finish on `gen`."""
+    text = ToolText(tokenizer)
     async with aclosing(token_events(scheduler, gen)) as batches:
         async for batch in batches:
             out = []

@@ -1,11 +1,16 @@
 """`nanopipe chat`: talk to the newest model in the terminal (the one command that is not a DVC stage).
 
-    nanopipe chat                       # interactive: quit/exit, clear, Ctrl-D
-    nanopipe chat --prompt "Hi there"   # answer once and exit
+    nanopipe chat                         # interactive: quit/exit, clear, Ctrl-D
+    nanopipe chat --prompt "Hi there"     # answer once and exit: stdout holds the reply only
+    nanopipe chat --seed 7 -t 0.8         # reproducible sampling (turn i uses seed 7+i)
 
 The model is the checkpoint `serve.source` names (auto: the newest of rl, sft, base). Replies
-stream as they decode, never splitting a UTF-8 character. The conversation is kept as tokens; when
-it would no longer fit the model's context with room for a reply, the oldest turns are dropped.
+stream as they decode, never splitting a UTF-8 character, calculator calls shown as
+"🧮 `expr` → result" (nanopipe.inference.tool_text). The conversation is kept as tokens (the
+model sees its own tool calls as it made them); when it no longer fits the model's context with
+room for a reply, the oldest exchanges are dropped and a line on stderr says so (rolling context,
+nanopipe.inference.chat_context, docs/decisions.md D16). Everything that is not the conversation
+(logs, notices) goes to stderr, so `nanopipe chat --prompt ... > out.txt` captures just the reply.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import sys
 import torch
 
 from nanopipe import paths
-from nanopipe.inference.engine import Engine, TextStream
+from nanopipe.inference.chat_context import ContextFull, first_kept, notice, reply_reserve
+from nanopipe.inference.engine import Engine
+from nanopipe.inference.tool_text import ToolText, render_tokens
 from nanopipe.model.checkpoint import checkpoint_at, load_model
 from nanopipe.runtime import autocast_ctx, compute_dtype
 from nanopipe.stage import DEVICE_PARAMS, Stage
@@ -32,6 +39,9 @@ def parse_options(argv: list[str], cfg) -> argparse.Namespace:
     ap.add_argument("--temperature", "-t", type=float, default=cfg.serve.temperature)
     ap.add_argument("--top-k", "-k", type=int, default=cfg.serve.top_k)
     ap.add_argument("--max-tokens", type=int, default=cfg.serve.max_tokens)
+    ap.add_argument("--seed", type=int, default=None,
+                    help="sampling seed: turn i samples with seed+i, so a session replays exactly "
+                         "(default: a fresh seed per turn)")
     return ap.parse_args(argv)
 
 
@@ -41,12 +51,15 @@ def run(st: Stage) -> None:
     ckpt = checkpoint_at(paths.checkpoint_dir(st.cfg.serve.source), st.cfg.serve.step, "serve.step")
     model, _ = load_model(ckpt, st.dev.device, "eval", tokenizer=tokenizer)
     run_chat(model, tokenizer, prompt=args.prompt, temperature=args.temperature, top_k=args.top_k,
-             max_tokens=args.max_tokens, dtype=st.cfg.runtime.dtype)
+             max_tokens=args.max_tokens, dtype=st.cfg.runtime.dtype, seed=args.seed)
 
 
 def run_chat(model, tokenizer, prompt=None, temperature=0.6, top_k=50, max_tokens=256, input_fn=input,
-             output=sys.stdout, seed=None, dtype=None):
+             output=sys.stdout, seed=None, dtype=None, notices=None):
     """Chat on the terminal; returns the assistant replies (text) of the session.
+
+    output: the conversation (replies; in interactive mode also the banner and labels);
+    notices: everything else, the rolling context's notices and refused messages (default stderr).
 
     seed: None draws a fresh seed per turn (regenerating differs); an int makes turn i use seed+i.
     dtype: compute dtype override ('bfloat16', 'float32', ...); default: bf16 autocast on CUDA SM80+.
@@ -65,15 +78,21 @@ def run_chat(model, tokenizer, prompt=None, temperature=0.6, top_k=50, max_token
             output.write(text)
             output.flush()
 
-    if prompt is None:
-        write("\nNanoChat Interactive Mode\n" + "-" * 50 + "\n"
+    def tell(text):
+        out = notices if notices is not None else sys.stderr
+        out.write(f"({text})\n")
+        out.flush()
+
+    interactive = prompt is None
+    if interactive:
+        write("\nnanopipe chat\n" + "-" * 50 + "\n"
               "Type 'quit' or 'exit' to end the conversation\n"
               "Type 'clear' to start a new conversation\n" + "-" * 50 + "\n")
 
     turns = []  # token lists of finished (user + assistant) exchanges, oldest first
     replies = []
     while True:
-        if prompt is not None:
+        if not interactive:
             text = prompt.strip()
         else:
             try:
@@ -89,28 +108,29 @@ def run_chat(model, tokenizer, prompt=None, temperature=0.6, top_k=50, max_token
                 write("Conversation cleared.\n")
                 continue
         if not text:
-            if prompt is not None:
+            if not interactive:
                 break
             continue
 
         user_tokens = [user_start] + tokenizer.encode(text) + [user_end, assistant_start]
-        budget = min(max_tokens, context - 1 - len(user_tokens))
-        if budget < 1:
-            write(f"\n(message too long: {len(user_tokens)} tokens for a {context}-token context)\n")
-            if prompt is not None:
-                break
+        reserve = reply_reserve(context, max_tokens)
+        try:  # rolling context: the oldest exchanges go first; the new message itself must fit
+            keep = first_kept([len(t) for t in turns] + [len(user_tokens)], 1, context, reserve)
+        except ContextFull as e:
+            tell(f"message not sent: {e}")
+            if not interactive:
+                raise SystemExit(1) from None
             continue
-        dropped = 0
-        while turns and 1 + sum(map(len, turns)) + len(user_tokens) + budget > context:
-            turns.pop(0)
-            dropped += 1
-        if dropped:
-            write(f"\n(dropped the {dropped} oldest exchange(s) to fit the {context}-token context)\n")
+        if keep:
+            tell(notice(2 * keep, context))  # each exchange is a user and an assistant message
+            turns = turns[keep:]
         conversation = [bos] + [t for turn in turns for t in turn] + user_tokens
+        budget = min(max_tokens, context - len(conversation))
 
-        write("\nAssistant: ")
+        if interactive:
+            write("\nAssistant: ")
         turn_seed = random.randint(0, 2**31 - 1) if seed is None else seed + len(replies)
-        stream = TextStream(tokenizer)
+        stream = ToolText(tokenizer)
         response = []
         try:
             with autocast:
@@ -123,9 +143,10 @@ def run_chat(model, tokenizer, prompt=None, temperature=0.6, top_k=50, max_token
                     write(stream.push(token))
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
             write(" [interrupted]")
-        write(stream.flush() + "\n")
+        tail = stream.flush()
+        write(tail + "\n")
         turns.append(user_tokens + response + [assistant_end])
-        replies.append(tokenizer.decode(response))
-        if prompt is not None:
+        replies.append(render_tokens(tokenizer, response))
+        if not interactive:
             break
     return replies

@@ -219,7 +219,7 @@ def run(st: Stage) -> None:
             with fp8.disable_fp8(model):
                 val_bpb = bpb_on_shards(model, tokenizer, token_bytes, [val_shard], B, T, p.eval_tokens, dev)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
-            meter.bar.write(f"step {step:05d} | val bpb {val_bpb:.4f}") if dev.master else None
+            meter.say(f"step {step:05d} | val bpb {val_bpb:.4f}") if dev.master else None
             st.log({"val_bpb": val_bpb, "total_training_flops": pl.flops_per_token * pl.total_batch_size * step}, step=step, plot="val")
         if p.core_metric_every > 0 and (last or (step > 0 and step % p.core_metric_every == 0)):
             be = cfg.base_eval
@@ -231,7 +231,7 @@ def run(st: Stage) -> None:
             with fp8.disable_fp8(model):
                 samples = greedy_samples(model, tokenizer, max_tokens=16)
             for text in samples:
-                meter.bar.write(f"  sample: {text!r}")
+                meter.say(f"  sample: {text!r}")
         if not last and p.save_every > 0 and step > 0 and step != resumed_from and step % p.save_every == 0:
             resume.save(step, model, optimizer, {"dataloader_state_dict": gather_state_dicts(position), "loop_state": loop,
                                                  "val_bpb": val_bpb, "user_config": OmegaConf.to_container(cfg.pretrain)})

@@ -26,6 +26,7 @@ from nanopipe import artifacts, paths
 from nanopipe.config import bad_value
 from nanopipe.inference.engine import Engine
 from nanopipe.model.checkpoint import load_model, save_checkpoint
+from nanopipe.runtime import Progress
 from nanopipe.stage import WORLD_PARAMS, Stage, fmt
 from nanopipe.tokenizer import load_tokenizer
 from nanopipe.train.loop import NonFiniteGuard, Resume, fingerprint, optimizer_step, scale_initial_lrs
@@ -118,6 +119,7 @@ def run(st: Stage) -> None:
 
     # -- loop: pass@k at its interval; rollouts and gradients for this rank's questions; one step --
     timing = {"gen_time": 0.0, "gen_samples": 0, "step_times": []}
+    progress = Progress("rl", pl.num_steps, "step", start)  # each step logs a line; this one adds the ETA
     for step in range(start, pl.num_steps):
         if step % (r.eval_every if r.eval_every > 0 else pl.num_steps) == 0:
             evaluate(step)
@@ -137,6 +139,7 @@ def run(st: Stage) -> None:
         log.info("step %d/%d | reward %.4f | sequence length %.1f | stopped %.2f | %.1f s", step, pl.num_steps,
                  stats["reward"], stats["sequence_length"], stats["stopped_frac"], timing["step_times"][-1])
         done = step + 1
+        progress.update(done, f"reward {stats['reward']:.4f}")
         if r.save_every > 0 and done < pl.num_steps and done % r.save_every == 0:
             resume.save(done, model, optimizer, {"history": history, "user_config": OmegaConf.to_container(r),
                                                  "nonfinite_steps": guard.skipped})

@@ -146,7 +146,7 @@ def run(st: Stage) -> None:
             for k in ("val_loss", "val_bpb"):
                 best = loop[f"min_{k}"]
                 loop[f"min_{k}"] = val[k] if best is None else min(best, val[k])
-            meter.bar.write(f"step {step:05d} | val loss {val['val_loss']:.4f} | val bpb {val['val_bpb']:.4f}") \
+            meter.say(f"step {step:05d} | val loss {val['val_loss']:.4f} | val bpb {val['val_bpb']:.4f}") \
                 if dev.master else None
             flops = flops_per_token * pl.total_batch_size * step
             st.log({**val, "total_training_flops": flops}, step=step, plot="val")

@@ -7,7 +7,8 @@
   Beside each one it keeps a weights-only snapshot for the checkpoint history
   (models/resume/<stage>/history/, `keep` newest of them); the final save moves them into
   the stage's output as models/<stage>/steps/ (nanopipe.model.checkpoint.save_checkpoint).
-- `StepMeter`: smoothed loss, tok/s, MFU, ETA, and the progress bar on rank 0.
+- `StepMeter`: smoothed loss, tok/s, MFU, ETA, and the progress bar on rank 0 (on a terminal; in a log,
+  a status line with the ETA every `runtime.progress_interval` seconds: nanopipe.runtime.Progress).
 - `NonFiniteGuard`: a nan/inf training loss stops the stage naming the step, before anything is
   saved, or (`<stage>.max_nonfinite_steps` = N > 0) skips up to N such optimizer steps
   (docs/decisions.md, D13).
@@ -37,7 +38,7 @@ from nanopipe.model.checkpoint import (
     save_checkpoint,
     step_dir,
 )
-from nanopipe.runtime import Device, barrier, broadcast_from_rank0, gather_objects, is_rank0, node_name
+from nanopipe.runtime import Device, Progress, barrier, broadcast_from_rank0, gather_objects, is_rank0, node_name
 from nanopipe.train.schedules import apply_schedule
 
 log = logging.getLogger("nanopipe.train")
@@ -210,6 +211,7 @@ class StepMeter:
         self.n, self.tokens_per_step, self.flops_per_token, self.dev = num_iterations, tokens_per_step, flops_per_token, dev
         self.smooth_loss, self.train_time, self.step0 = smooth_loss, train_time, start_step
         self.bar = tqdm(total=num_iterations, initial=start_step, desc=desc, disable=not dev.master or None, dynamic_ncols=True)
+        self.progress = Progress(desc, num_iterations, "step", start_step, bar=True)
         self._t = 0.0
         self.tok_rates: list[float] = []  # steady-state steps only
 
@@ -231,7 +233,21 @@ class StepMeter:
         mfu = 100 * self.flops_per_token * tok_s / (self.dev.peak_flops * self.dev.world_size)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{debiased:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1f}%", refresh=False)
+        self.progress.update(step + 1, f"loss {debiased:.4f}, {tok_s:,.0f} tok/s, MFU {mfu:.1f}%")
         return {"loss": loss, "loss_smooth": debiased, "dt_ms": dt * 1000, "tok_per_sec": tok_s, "mfu": mfu}
+
+    def say(self, text: str) -> None:
+        """A line in the one log format (nanopipe.runtime.setup_logging), on rank 0; with a bar on the
+        terminal it is printed above the bar (tqdm's own write would go to stdout, in no format)."""
+        if not self.dev.master:
+            return
+        if self.bar.disable:
+            log.info(text)
+            return
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+            log.info(text)
 
     def loop_state(self) -> dict:
         """What a resume needs to continue the smoothed loss and the training time."""
