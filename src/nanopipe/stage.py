@@ -46,7 +46,7 @@ from nanopipe.runtime import (
     setup_device,
     setup_logging,
 )
-from nanopipe.tracking import Tracker, flatten, git_commit
+from nanopipe.tracking import Tracker, flatten, git_commit, source_tags
 
 log = logging.getLogger("nanopipe")
 
@@ -82,7 +82,9 @@ class Stage:
     def __enter__(self) -> "Stage":
         self._t0 = time.time()
         exp = os.environ.get("DVC_EXP_NAME", "")
-        tags = {"stage": self.name, "git_commit": git_commit(), "dvc_exp": exp or "workspace", "world_size": str(self.world_size)}
+        commit = git_commit()
+        tags = {"stage": self.name, "git_commit": commit, "dvc_exp": exp or "workspace", "world_size": str(self.world_size),
+                **source_tags(self.name, commit)}
         self.tracker.start(run_name=f"{exp}/{self.name}" if exp else self.name, tags=tags,
                            params=flatten(OmegaConf.to_container(self.cfg, resolve=True)),
                            texts={"config.yaml": OmegaConf.to_yaml(self.cfg)})

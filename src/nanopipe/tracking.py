@@ -2,18 +2,25 @@
 
 One MLflow run per stage execution, in the experiment named by `tracking.experiment`,
 tagged with the stage, the git commit and the DVC experiment name (DVC sets
-$DVC_EXP_NAME for `dvc exp run`), and with the process that runs it (`host`, `pid`, `pid_start`): a
+$DVC_EXP_NAME for `dvc exp run`), MLflow's own source tags (`source_tags`: the UI's "Source" and
+"Git commit" columns), and with the process that runs it (`host`, `pid`, `pid_start`): a
 run left RUNNING by a process that is gone (kill -9, a lost node) is marked KILLED when the same
 stage next starts on that host. The default store is `sqlite:///<repo>/mlflow.db`,
 which is what `mlflow ui` opens in the repo root. Queued DVC experiments run in a temp
 copy of the repo; DVC points $DVC_ROOT at the real one, so their runs land in the same
 store. A tracking failure is logged and ignored: it must never cost a stage its outputs.
+
+The store survives a move of the repo (docs/decisions.md D14): MLflow writes absolute artifact URIs
+into the database (the experiment's location, each run's and each logged model's), so a copied or
+moved repo would keep writing artifacts into the old folder. Each run re-points those URIs at the
+current repo's mlruns/ first (`repoint_artifacts`) when the store is the repo's own mlflow.db.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -33,6 +40,73 @@ def tracking_uri(configured: str | None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+# The experiment's kind: MLflow 3.x UIs that read it (`mlflow.experimentKind`, from mlflow's
+# server/js ExperimentKind) open the experiment on its runs, not on the GenAI overview and traces.
+# MLflow 3.17's UI ignores the tag for a global "workflow type" switch: see the README's MLflow section.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def repo_store(uri: str) -> Path | None:
+    """The database file when `uri` is the repo's own sqlite store (<repo>/mlflow.db), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return db if db.resolve() == (repo_root() / "mlflow.db").resolve() else None
+
+
+def artifact_root() -> str:
+    """Where the repo's store keeps its artifacts: <repo>/mlruns, as the file: URI MLflow stores."""
+    return (repo_root() / "mlruns").as_uri()
+
+
+# Every column where MLflow stores an absolute artifact URI (tables and columns absent from an older
+# schema are skipped).
+_URI_COLUMNS = [("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
+                ("model_versions", "source"), ("model_versions", "storage_location")]
+
+
+def repoint_artifacts(db: Path, old: str, new: str) -> dict[str, int]:
+    """Rewrite the artifact URIs under `old` to the same paths under `new`, in one transaction;
+    returns the rows changed per table. Old runs' artifacts read back from the moved copy too."""
+    changed: dict[str, int] = {}
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:
+            con.execute("BEGIN IMMEDIATE")
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for table, column in _URI_COLUMNS:
+                if table not in tables or column not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
+                    continue
+                # a prefix test by substr, not LIKE: a path may hold % or _
+                n = con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                                (new, len(old) + 1, old, len(old) + 1, old + "/")).rowcount
+                if n:
+                    changed[table] = changed.get(table, 0) + n
+    finally:
+        con.close()
+    return changed
+
+
+def follow_repo(uri: str, location: str | None) -> bool:
+    """Re-point the store at this repo when it moved: True when it did. Only the repo's own store,
+    and only an artifact root of our layout (a file: URI of an `mlruns` folder) somewhere else."""
+    db, new = repo_store(uri), artifact_root()
+    if db is None or not location or location == new or not location.startswith("file:") \
+            or not location.rstrip("/").endswith("/mlruns"):
+        return False
+    changed = repoint_artifacts(db, location.rstrip("/"), new)
+    log.info("MLflow: the repo moved (artifacts were at %s); re-pointed to %s: %s", location, new,
+             ", ".join(f"{n} {t}" for t, n in changed.items()) or "nothing")
+    return True
+
+
+def source_tags(stage: str, commit: str) -> dict[str, str]:
+    """MLflow's own source tags (mlflow.utils.mlflow_tags): the run's source and git commit in the UI."""
+    return {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"src/nanopipe/stages/{stage}.py",
+            "mlflow.source.git.commit": commit}
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -130,12 +204,16 @@ class Tracker:
             exp = client.get_experiment_by_name(self.experiment)
             if exp is not None:
                 exp_id = exp.experiment_id
+                follow_repo(self.uri, exp.artifact_location)
+                for key, value in EXPERIMENT_TAGS.items():
+                    if key not in exp.tags:  # experiments made before the tag; a user's own choice stays
+                        client.set_experiment_tag(exp_id, key, value)
             else:
                 # Artifacts next to the store, not in the cwd: queued `dvc exp run`s execute in temp
                 # copies of the repo that DVC deletes afterwards.
-                location = (repo_root() / "mlruns").as_uri() if self.uri.startswith("sqlite:") else None
+                location = artifact_root() if self.uri.startswith("sqlite:") else None
                 try:
-                    exp_id = client.create_experiment(self.experiment, artifact_location=location)
+                    exp_id = client.create_experiment(self.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
                 except Exception:  # noqa: BLE001 - another stage created it meanwhile
                     exp_id = client.get_experiment_by_name(self.experiment).experiment_id
             if tags.get("stage"):
