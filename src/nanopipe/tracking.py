@@ -283,6 +283,41 @@ class Tracker:
         if self.log_artifacts:
             self._call("log_text", "log_text", text, name, wait=wait)
 
+    def log_pyfunc(self, name: str, code: str | os.PathLike, artifacts: Mapping[str, str],
+                   inputs: list[tuple[str | None, str]], params: list[tuple[str, str, Any]],
+                   pip_requirements: list[str]) -> str | None:
+        """Log an MLflow pyfunc model "from code" (`code` defines the PythonModel and calls
+        mlflow.models.set_model) with this run; its `models:/<id>` URI, None where tracking is off or
+        failed (logged). The signature: `inputs` columns (name or None, MLflow type) in, one string per row out,
+        `params` (name, MLflow type, default). Requirements are given, not inferred: inferring them
+        loads the model in a subprocess."""
+        if not (self.enabled and self.log_artifacts):
+            return None
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        if self._client is None:
+            return None
+        try:
+            import mlflow
+            from mlflow.models import ModelSignature
+            from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+            signature = ModelSignature(inputs=Schema([ColSpec(t, n) for n, t in inputs]), outputs=Schema([ColSpec("string")]),
+                                       params=ParamSchema([ParamSpec(n, t, d) for n, t, d in params]))
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+            # Model.log logs through the fluent API's global store: ours for this call only, so the
+            # process's own MLflow setting (and $MLFLOW_TRACKING_URI, which set_tracking_uri exports) stays
+            with _use_tracking_uri(self.uri):
+                info = mlflow.models.Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=self.run_id,
+                                               python_model=str(code), artifacts=dict(artifacts), signature=signature,
+                                               pip_requirements=pip_requirements)
+            return info.model_uri
+        except Exception as e:  # noqa: BLE001 - tracking must never break a stage
+            log.warning("MLflow log_model %s failed (%s: %s); continuing without it", name, type(e).__name__, e)
+            return None
+
     def end(self, status: str = "FINISHED") -> None:
         self._call("end_run", "set_terminated", status=status)
         self._client = None
