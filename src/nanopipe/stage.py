@@ -159,6 +159,36 @@ def fmt(x, spec: str = ".4f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+def fmt_num(x, decimals: int = 4) -> str:
+    """A number rounded for reading: integers with thousands separators; floats to `decimals` places
+    below 100, one place below 1000, none above (with separators), in scientific notation when tiny;
+    `n/a` when missing or not finite. 1.231232290625794 -> 1.2312, 6321.65 -> 6,322, 162.19 -> 162.2."""
+    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
+        return "n/a" if x is None else str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if not math.isfinite(x):
+        return "n/a"
+    if x == 0:
+        return f"{0:.{decimals}f}"
+    a = abs(x)
+    if a >= 1000:
+        return f"{x:,.0f}"
+    if a >= 100:
+        return f"{x:.1f}"
+    if a < 10 ** -decimals:
+        return f"{x:.2e}"
+    return f"{x:.{decimals}f}"
+
+
+def fmt_acc(passed: int, total: int) -> str:
+    """An accuracy with its sample size and binomial standard error: `4/8 = 50.0 % (± 17.7)`."""
+    if not total:
+        return "n/a (0 problems)"
+    p = passed / total
+    return f"{passed}/{total} = {100 * p:.1f} % (± {100 * math.sqrt(p * (1 - p) / total):.1f})"
+
+
 def run_stage(module: ModuleType, cfg: DictConfig, options: Any = None) -> None:
     """Run one stage module on a validated config, inside the contract."""
     with Stage(module, cfg, options) as st:
