@@ -38,10 +38,13 @@ def _run(root: Path, loss_scale: float = 1.0) -> None:
     stages = {
         "pretrain": {"final_val_bpb": 1.23456789, "min_val_bpb": 1.23456789, "val_bpb_tokens": 65536, "wall_time_s": 100, "world_size": 1},
         "base_eval": {"val_bpb": 1.26675190, "train_bpb": 0.6744638, "val_bpb_tokens": 131072, "core_metric": None,
+                      "core_unavailable": "eval bundle unavailable: cannot fetch https://x/eval_bundle.zip (ClientError); "
+                                          "point base_eval.bundle_url at a reachable URL or a local copy of eval_bundle.zip",
                       "wall_time_s": 10, "world_size": 1},
         "sft": {"val_bpb": 0.2, "wall_time_s": 50, "world_size": 1},
         "rl": {"wall_time_s": 20, "world_size": 1},
-        "chat_eval": {"tasks": "Arithmetic,SpellingBee", "unavailable": {},
+        "chat_eval": {"tasks": "Arithmetic,SpellingBee,MMLU",
+                      "unavailable": {"MMLU": "no local copy in chat_eval.dataset_dir and the hub is unreachable"},
                       "sft": {"step": 150, "Arithmetic": 0.5, "SpellingBee": 0.0, "ChatCORE": 0.25,
                               "counts": {"Arithmetic": {"passed": 4, "total": 8}, "SpellingBee": {"passed": 0, "total": 8}}},
                       "rl": {"step": 16, "Arithmetic": 0.75, "SpellingBee": 0.125, "ChatCORE": 0.4375,
@@ -100,6 +103,9 @@ def test_report_stage_writes_charts_rounded_numbers_and_sample_sizes(tmp_path, m
     assert "| val bpb (base_eval)" in summary
     assert "on the val shard over the first 131,072 tokens" in summary
     assert "pretrain's own val bpb, 1.2346, is its in-training estimate over the first 65,536 tokens" in summary
+    # what was not measured, one line each, with the stage's reason
+    assert "- CORE: not measured: eval bundle unavailable: cannot fetch https://x/eval_bundle.zip (ClientError); " in summary
+    assert "- MMLU: not measured: no local copy in chat_eval.dataset_dir and the hub is unreachable" in summary
 
 
 def test_charts_follow_the_data(tmp_path):

@@ -282,6 +282,19 @@ def bpb_note(stage_data: Mapping[str, Mapping[str, Any]]) -> str | None:
     return "; ".join(parts) + "." if parts else None
 
 
+def not_measured(stage_data: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per headline number that could not be measured (CORE without its bundle, a chat task
+    without its data or sandbox), with the reason the stage recorded, so an absent row is explained."""
+    lines = []
+    base = stage_data.get("base_eval", {}).get("metrics") or {}
+    if base and base.get("core_metric") is None and isinstance(base.get("core_unavailable"), str):
+        lines.append(f"CORE: not measured: {base['core_unavailable']}")
+    unavailable = (stage_data.get("chat_eval", {}).get("metrics") or {}).get("unavailable")
+    if isinstance(unavailable, Mapping):
+        lines += [f"{task}: not measured: {reason}" for task, reason in unavailable.items()]
+    return lines
+
+
 def build_charts(root: Path) -> dict[str, bytes]:
     """{file name: PNG} of the charts the stage outputs under `root` allow: a stage with its metrics file
     and curves (or, for chat_eval, counts) has one."""
@@ -405,6 +418,7 @@ def build(root: Path, gpu_hourly_rate: float, cpu_hourly_rate: float, gpus_per_n
         summary_table(table, counts, labels).rstrip(), "",
         *([note, ""] if note else []),
         *(["Accuracies: passed/problems = accuracy (± binomial standard error).", ""] if counts else []),
+        *([*(f"- {line}" for line in not_measured(data)), ""] if not_measured(data) else []),
         f"Total wall clock time: {fmt_duration(total_s)} over {len(costs)} stage(s) "
         f"({device_hours:.2f} {'GPU' if gpus_per_node > 0 else 'machine'}-hours)",
         f"Estimated cost: {fmt_usd(total_cost)} at {rate_line}",
