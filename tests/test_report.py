@@ -70,7 +70,7 @@ def test_report_assembles_present_sections_and_marks_missing_ones(tmp_path):
     assert cells["Metric"] == ["BASE", "SFT"]
     assert cells["val bpb (base_eval)"] == ["1.2500", "-"] and cells["ChatCORE"] == ["-", "0.2000"]
     # an accuracy with the counts chat_eval recorded shows its sample size; one without shows the number alone
-    assert cells["ARC-Easy"] == ["-", "8/16 = 50.0 % (± 12.5)"] and cells["GSM8K"] == ["-", "0.1000"]
+    assert cells["ARC-Easy"] == ["-", "8/16 = 50.0 % (95 % CI 28.0-72.0)"] and cells["GSM8K"] == ["-", "0.1000"]
 
     # header
     assert text.startswith("# nanopipe run report") and "- GPUs: none available" in text

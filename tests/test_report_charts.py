@@ -11,7 +11,7 @@ import pytest
 from helpers import make_cfg
 
 from nanopipe import paths
-from nanopipe.stage import fmt_acc, fmt_num, run_stage
+from nanopipe.stage import fmt_acc, fmt_num, run_stage, wilson
 from nanopipe.stages import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,11 +71,17 @@ def test_fmt_num(x, text):
     assert fmt_num(x) == text
 
 
-def test_fmt_acc():
-    assert fmt_acc(4, 8) == "4/8 = 50.0 % (± 17.7)"
-    assert fmt_acc(0, 8) == "0/8 = 0.0 % (± 0.0)"
-    assert fmt_acc(400, 1000) == f"400/1000 = 40.0 % (± {100 * math.sqrt(0.4 * 0.6 / 1000):.1f})"
+def test_fmt_acc_and_its_interval():
+    assert fmt_acc(4, 8) == "4/8 = 50.0 % (95 % CI 21.5-78.5)"
+    # no zero-width interval at 0/n or n/n: 16 problems all failed still leave up to ~19 % possible
+    assert fmt_acc(0, 16) == "0/16 = 0.0 % (95 % CI 0.0-19.4)"
+    assert fmt_acc(16, 16) == "16/16 = 100.0 % (95 % CI 80.6-100.0)"
     assert fmt_acc(0, 0) == "n/a (0 problems)"
+    # the interval narrows as 1/sqrt(n): what a larger chat_eval.max_problems buys
+    widths = {n: wilson(n // 2, n)[1] - wilson(n // 2, n)[0] for n in (8, 64, 256)}
+    assert widths[8] > 2 * widths[64] and widths[64] > 1.9 * widths[256]
+    lo, hi = wilson(400, 1000)
+    assert lo < 0.4 < hi and hi - lo == pytest.approx(2 * 1.96 * math.sqrt(0.4 * 0.6 / 1000), rel=0.01)
 
 
 def test_report_stage_writes_charts_rounded_numbers_and_sample_sizes(tmp_path, monkeypatch):
@@ -98,7 +104,7 @@ def test_report_stage_writes_charts_rounded_numbers_and_sample_sizes(tmp_path, m
 
     summary = text[text.index("## Summary"):]
     assert "1.2668" in summary and "1.26675190" not in summary and "0.6745" in summary
-    assert "4/8 = 50.0 % (± 17.7)" in summary and "6/8 = 75.0 % (± 15.3)" in summary and "1/8 = 12.5 %" in summary
+    assert "4/8 = 50.0 % (95 % CI 21.5-78.5)" in summary and "6/8 = 75.0 % (95 % CI " in summary and "1/8 = 12.5 %" in summary
     # the two val bpb, each said for what it is, with its token budget
     assert "| val bpb (base_eval)" in summary
     assert "on the val shard over the first 131,072 tokens" in summary

@@ -101,8 +101,9 @@ def curve_chart(root: Path, stage: str) -> bytes | None:
 
 
 def accuracy_chart(counts: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> bytes | None:
-    """Accuracy per task, one bar per model, with its binomial standard error and passed/total written
-    on it; `counts` is {model: {task: {"passed", "total"}}}. None when no task has problems."""
+    """Accuracy per task, one bar per model, with its confidence interval and passed/total written on
+    it; `counts` is {model: {task: {"passed", "total", "lo", "hi"}}} (lo, hi: the interval, as
+    fractions). None when no task has problems."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +116,7 @@ def accuracy_chart(counts: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> byt
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) * max(1, len(models))), 3.8), constrained_layout=True)
     width = 0.8 / len(models)
     for i, model in enumerate(models):
-        xs, accs, errs, labels = [], [], [], []
+        xs, accs, below, above, labels = [], [], [], [], []
         for j, task in enumerate(tasks):
             c = counts[model].get(task) or {}
             n, k = c.get("total") or 0, c.get("passed") or 0
@@ -124,14 +125,15 @@ def accuracy_chart(counts: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> byt
             p = k / n
             xs.append(j + (i - (len(models) - 1) / 2) * width)
             accs.append(100 * p)
-            errs.append(100 * math.sqrt(p * (1 - p) / n))
+            below.append(100 * (p - c["lo"]))
+            above.append(100 * (c["hi"] - p))
             labels.append(f"{k}/{n}")
-        bars = ax.bar(xs, accs, width * 0.9, yerr=errs, capsize=3, label=model)
-        for bar, err, label in zip(bars, errs, labels):  # above the error bar
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height() + err), textcoords="offset points",
+        bars = ax.bar(xs, accs, width * 0.9, yerr=[below, above], capsize=3, label=model)
+        for bar, up, label in zip(bars, above, labels):  # above the interval
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height() + up), textcoords="offset points",
                         xytext=(0, 2), ha="center", fontsize=8)
     ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("accuracy, % (± standard error)")
+    ax.set_ylabel("accuracy, % (95 % confidence interval)")
     ax.set_ylim(0, 112)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)

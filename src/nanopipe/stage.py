@@ -181,12 +181,20 @@ def fmt_num(x, decimals: int = 4) -> str:
     return f"{x:.{decimals}f}"
 
 
+def wilson(passed: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy (95 % at z=1.96): unlike p ± z·SE it stays inside
+    [0, 1] and is not zero-width at 0/n or n/n, where a small sample says least."""
+    p, n = passed / total, total
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def fmt_acc(passed: int, total: int) -> str:
-    """An accuracy with its sample size and binomial standard error: `4/8 = 50.0 % (± 17.7)`."""
+    """An accuracy with its sample size and 95 % confidence interval: `4/8 = 50.0 % (95 % CI 21.5-78.5)`."""
     if not total:
         return "n/a (0 problems)"
-    p = passed / total
-    return f"{passed}/{total} = {100 * p:.1f} % (± {100 * math.sqrt(p * (1 - p) / total):.1f})"
+    lo, hi = wilson(passed, total)
+    return f"{passed}/{total} = {100 * passed / total:.1f} % (95 % CI {100 * lo:.1f}-{100 * hi:.1f})"
 
 
 def run_stage(module: ModuleType, cfg: DictConfig, options: Any = None) -> None:

@@ -85,7 +85,7 @@ def run(st: Stage) -> None:
         problems += sum(v["total"] for v in results.values())
         seconds += sum(v["time_s"] for v in results.values())
         report += ["", f"### {source} ({ckpt}, step {meta.get('step')})", "",
-                   "| task | passed/problems = accuracy (± std. error) | centred |", "|---|---:|---:|"]
+                   "| task | passed/problems = accuracy (95 % CI) | centred |", "|---|---:|---:|"]
         for name in c.tasks:
             if name in results and results[name]["accuracy"] is not None:
                 acc = results[name]["accuracy"]

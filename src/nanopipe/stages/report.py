@@ -8,8 +8,8 @@ Every stage writes its own section (metrics/sections/<stage>.md) and metrics fil
 2. every lifecycle stage's section, in lifecycle order. A stage without a section is
    listed as "not run", never silently dropped (nanochat dropped its SFT section over a
    name mismatch); sections on disk under any other name are appended too;
-3. a summary: the headline metrics (val bpb, CORE, per-task accuracies with their sample sizes
-   and ChatCORE per chat model), stage wall times and a cost estimate from the configured hourly rates;
+3. a summary: the headline metrics (val bpb, CORE, per-task accuracies with their sample sizes and
+   confidence intervals, and ChatCORE per chat model), stage wall times and a cost estimate from the configured hourly rates;
 4. pictures beside the sections (nanopipe.charts): the training curves of pretrain, SFT and RL from
    their plot files (metrics/<stage>/*.csv) and chat_eval's accuracies, as metrics/report/<stage>.png.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from nanopipe import artifacts, charts, paths
-from nanopipe.stage import Stage, fmt_acc, fmt_num
+from nanopipe.stage import Stage, fmt_acc, fmt_num, wilson
 
 log = logging.getLogger("nanopipe.report")
 
@@ -303,7 +303,12 @@ def build_charts(root: Path) -> dict[str, bytes]:
         metrics = read_stage(root, stage)["metrics"]
         if metrics is None:  # not run (or failed: no metrics file): its plot files, if any, are not a result
             continue
-        png = charts.accuracy_chart(chat_counts(metrics)) if stage == "chat_eval" else charts.curve_chart(root, stage)
+        if stage == "chat_eval":
+            counts = {m: {t: {**c, **dict(zip(("lo", "hi"), wilson(c["passed"], c["total"])))} for t, c in tasks.items()}
+                      for m, tasks in chat_counts(metrics).items()}
+            png = charts.accuracy_chart(counts)
+        else:
+            png = charts.curve_chart(root, stage)
         if png:
             images[f"{stage}.png"] = png
     return images
@@ -417,7 +422,7 @@ def build(root: Path, gpu_hourly_rate: float, cpu_hourly_rate: float, gpus_per_n
     summary = "\n".join([
         summary_table(table, counts, labels).rstrip(), "",
         *([note, ""] if note else []),
-        *(["Accuracies: passed/problems = accuracy (± binomial standard error).", ""] if counts else []),
+        *(["Accuracies: passed/problems = accuracy (95 % Wilson confidence interval).", ""] if counts else []),
         *([*(f"- {line}" for line in not_measured(data)), ""] if not_measured(data) else []),
         f"Total wall clock time: {fmt_duration(total_s)} over {len(costs)} stage(s) "
         f"({device_hours:.2f} {'GPU' if gpus_per_node > 0 else 'machine'}-hours)",
