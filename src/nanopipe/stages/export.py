@@ -10,7 +10,8 @@ numbers. The export runs on the CPU in fp32 whatever the training device was.
 
 The export is also logged with its MLflow run as a pyfunc model, `chat_model` (nanopipe.hf.mlflow_chat:
 `mlflow.pyfunc.load_model(uri).predict(["Hi!"])` replies), here rather than in chat_eval or report:
-this stage holds the final chat model in a form that loads without nanopipe, already verified.
+this stage holds the final chat model in a form that loads without nanopipe, already verified
+(docs/decisions.md D15).
 `export.log_weights=false` (big models: weights left to DVC) logs neither the weights nor the model.
 """
 from __future__ import annotations
