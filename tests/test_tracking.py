@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import types
+from pathlib import Path
 
 from helpers import make_cfg
 
@@ -77,6 +78,64 @@ def test_a_copied_repo_keeps_its_artifacts_inside_itself(tmp_path, monkeypatch):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+ECHO_MODEL = """
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class Echo(PythonModel):
+    def load_context(self, context):
+        self.prefix = open(context.artifacts["prefix"]).read()
+
+    def predict(self, context, model_input, params=None):
+        return [self.prefix + str(x) for x in model_input.iloc[:, 0]]
+
+
+mlflow.models.set_model(Echo())
+"""
+
+
+def test_a_logged_model_loads_from_the_moved_repo(tmp_path, monkeypatch):
+    """A model logged before the move (MLflow 3 keeps logged models apart from run artifacts, under
+    their own stored location) loads from the copy once the original is gone."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    old, new = tmp_path / "old", tmp_path / "new"
+    _git_repo(old)
+    (tmp_path / "echo.py").write_text(ECHO_MODEL)
+    (old / "prefix.txt").write_text("moved: ")
+    uris = []
+
+    def body(st):
+        uris.append(st.tracker.log_pyfunc("echo", tmp_path / "echo.py", {"prefix": "prefix.txt"}, inputs=[(None, "string")],
+                                          params=[], pip_requirements=["mlflow"]))
+        st.finish({}, "")
+
+    module = types.ModuleType("nanopipe.stages.logs_model")
+    module.PARAMS, module.run = ["runtime.seed"], body
+    monkeypatch.chdir(old)
+    run_stage(module, make_cfg("experiment=smoke"))
+    assert uris[0] and uris[0].startswith("models:/")
+
+    subprocess.run(["cp", "-a", str(old), str(new)], check=True)
+    shutil.rmtree(old)
+    monkeypatch.chdir(new)
+    run_stage(_stage("after", "x"), make_cfg("experiment=smoke"))
+
+    import mlflow
+
+    with _use_tracking_uri(f"sqlite:///{new / 'mlflow.db'}"):
+        model = mlflow.pyfunc.load_model(uris[0])
+        assert list(model.predict(["a", "b"])) == ["moved: a", "moved: b"]
+        info = mlflow.get_logged_model(uris[0].split("/")[-1])
+    assert info.artifact_location.startswith((new / "mlruns").as_uri() + "/")
+    _, exp, runs = _runs(new)
+    assert info.experiment_id == exp.experiment_id and info.source_run_id == runs["logs_model"].info.run_id
+    assert not old.exists()
+
+
 def test_the_dvc_experiment_names_the_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
@@ -108,26 +167,29 @@ def test_a_store_outside_the_repo_is_left_alone(tmp_path, monkeypatch):
 
 
 def test_repoint_rewrites_prefixes_only(tmp_path):
-    """Only URIs at or under the old root change; a sibling folder whose name starts the same does not,
-    and a path holding SQL wildcard characters is matched literally."""
+    """Only locations at or under the old root change, in either spelling MLflow stores (file: URI or
+    plain path); a sibling folder whose name starts the same does not, and a path holding SQL wildcard
+    characters is matched literally."""
     import sqlite3
 
     db = tmp_path / "m.db"
     con = sqlite3.connect(db)
     con.execute("CREATE TABLE runs (run_uuid TEXT, artifact_uri TEXT)")
     con.execute("CREATE TABLE experiments (experiment_id INT, artifact_location TEXT)")
-    old = "file:///a/my_repo%/mlruns"
-    con.executemany("INSERT INTO runs VALUES (?, ?)", [("1", old + "/0/r1/artifacts"), ("2", "file:///a/my_repo%/mlruns2/x"),
-                                                      ("3", "file:///a/myxrepo%/mlruns/0/r3/artifacts")])
-    con.execute("INSERT INTO experiments VALUES (0, ?)", (old,))
+    old, new = Path("/a/my_repo%_x/mlruns"), Path("/b/mlruns")
+    con.executemany("INSERT INTO runs VALUES (?, ?)", [
+        ("1", old.as_uri() + "/r1/artifacts"), ("2", Path("/a/my_repo%_x/mlruns2/x").as_uri()),
+        ("3", Path("/a/myxrepo%_x/mlruns/r3/artifacts").as_uri()), ("4", f"{old}/0/r4/artifacts")])
+    con.executemany("INSERT INTO experiments VALUES (?, ?)", [(0, f"{old}/0"), (1, old.as_uri())])
     con.commit()
     con.close()
 
-    assert repoint_artifacts(db, old, "file:///b/mlruns") == {"runs": 1, "experiments": 1}
+    assert repoint_artifacts(db, old.as_uri(), new.as_uri()) == {"runs": 2, "experiments": 2}
     con = sqlite3.connect(db)
     assert dict(con.execute("SELECT run_uuid, artifact_uri FROM runs")) == {
-        "1": "file:///b/mlruns/0/r1/artifacts", "2": "file:///a/my_repo%/mlruns2/x", "3": "file:///a/myxrepo%/mlruns/0/r3/artifacts"}
-    assert con.execute("SELECT artifact_location FROM experiments").fetchone() == ("file:///b/mlruns",)
+        "1": "file:///b/mlruns/r1/artifacts", "2": Path("/a/my_repo%_x/mlruns2/x").as_uri(),
+        "3": Path("/a/myxrepo%_x/mlruns/r3/artifacts").as_uri(), "4": "/b/mlruns/0/r4/artifacts"}
+    assert dict(con.execute("SELECT * FROM experiments")) == {0: "/b/mlruns/0", 1: "file:///b/mlruns"}
 
 
 def test_repoint_skips_tables_an_older_schema_lacks(tmp_path):

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 log = logging.getLogger("nanopipe.tracking")
 
@@ -68,9 +70,12 @@ _URI_COLUMNS = [("experiments", "artifact_location"), ("runs", "artifact_uri"), 
 
 
 def repoint_artifacts(db: Path, old: str, new: str) -> dict[str, int]:
-    """Rewrite the artifact URIs under `old` to the same paths under `new`, in one transaction;
-    returns the rows changed per table. Old runs' artifacts read back from the moved copy too."""
+    """Rewrite the artifact locations under the file: URI `old` to the same places under `new`, in one
+    transaction; returns the rows changed per table. MLflow stores some as URIs and some as plain paths
+    (the Default experiment's, and locations derived from it), so both spellings are rewritten. Old
+    runs' artifacts then read back from the moved copy too."""
     changed: dict[str, int] = {}
+    prefixes = [(old, new), (url2pathname(urlparse(old).path), url2pathname(urlparse(new).path))]
     con = sqlite3.connect(db, timeout=60)
     try:
         with con:
@@ -79,12 +84,13 @@ def repoint_artifacts(db: Path, old: str, new: str) -> dict[str, int]:
             for table, column in _URI_COLUMNS:
                 if table not in tables or column not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
                     continue
-                # a prefix test by substr, not LIKE: a path may hold % or _
-                n = con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
-                                f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
-                                (new, len(old) + 1, old, len(old) + 1, old + "/")).rowcount
-                if n:
-                    changed[table] = changed.get(table, 0) + n
+                for before, after in prefixes:
+                    # a prefix test by substr, not LIKE: a path may hold % or _
+                    n = con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                    f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                                    (after, len(before) + 1, before, len(before) + 1, before + "/")).rowcount
+                    if n:
+                        changed[table] = changed.get(table, 0) + n
     finally:
         con.close()
     return changed
@@ -183,6 +189,7 @@ class Tracker:
         self.experiment = experiment
         self.log_artifacts = log_artifacts
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self._client = None
         self._starting: threading.Thread | None = None
 
@@ -222,6 +229,7 @@ class Tracker:
                 except Exception as e:  # noqa: BLE001
                     log.warning("MLflow: could not check for runs left RUNNING (%s: %s)", type(e).__name__, e)
             self.run_id = client.create_run(exp_id, run_name=run_name, tags={**tags, **process_tags()}).info.run_id
+            self.experiment_id = exp_id
             self._client = client
         except Exception as e:  # noqa: BLE001
             log.warning("MLflow unavailable at %s (%s: %s); this stage runs untracked", self.uri, type(e).__name__, e)
@@ -309,10 +317,14 @@ class Tracker:
 
             # Model.log logs through the fluent API's global store: ours for this call only, so the
             # process's own MLflow setting (and $MLFLOW_TRACKING_URI, which set_tracking_uri exports) stays
+            # the model entity first, in the run's experiment: given only run_id, Model.log would file it
+            # under the Default experiment (it asks the fluent API's active experiment)
+            model = self._client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
+                                                     params=self._client.get_run(self.run_id).data.params)
             with _use_tracking_uri(self.uri):
                 info = mlflow.models.Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=self.run_id,
-                                               python_model=str(code), artifacts=dict(artifacts), signature=signature,
-                                               pip_requirements=pip_requirements)
+                                               model_id=model.model_id, python_model=str(code), artifacts=dict(artifacts),
+                                               signature=signature, pip_requirements=pip_requirements)
             return info.model_uri
         except Exception as e:  # noqa: BLE001 - tracking must never break a stage
             log.warning("MLflow log_model %s failed (%s: %s); continuing without it", name, type(e).__name__, e)
