@@ -135,8 +135,8 @@ def test_export_is_logged_with_its_run_in_mlflow(tmp_path, monkeypatch, tok, log
                                "export.verify=false", f"export.log_weights={str(log_weights).lower()}"))
     import mlflow
 
-    client = mlflow.MlflowClient(store)
-    (run,) = mlflow.search_runs(experiment_names=["export-test"], output_format="list")
+    client = mlflow.MlflowClient(store)  # this store, whatever an earlier test set as MLflow's global one
+    (run,) = client.search_runs([client.get_experiment_by_name("export-test").experiment_id])
     tags = run.data.tags
     assert tags["stage"] == "export" and tags["hf_model"] == "models/hf" and tags["hf_source"] == "rl"
     assert tags["hf_step"] == "16" and len(tags["hf_checkpoint_sha256"]) == 64
@@ -166,7 +166,10 @@ def test_export_is_logged_with_its_run_in_mlflow(tmp_path, monkeypatch, tok, log
         out = hf.generate(**ids, max_new_tokens=6, do_sample=False)
         expected.append(hf_tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     shutil.rmtree(tmp_path / "models/hf")  # the MLflow model holds its own copy
-    loaded = mlflow.pyfunc.load_model(uri)
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(store):  # a models:/ URI resolves through MLflow's global store
+        loaded = mlflow.pyfunc.load_model(uri)
     replies = loaded.predict(prompts, params={"max_new_tokens": 6})
     assert list(replies) == expected and any(expected)
     assert loaded.metadata.run_id == run.info.run_id
