@@ -36,7 +36,7 @@ def test_report_assembles_present_sections_and_marks_missing_ones(tmp_path):
     chat = {"tasks": "ARC-Easy,GSM8K", "unavailable": {"MMLU": "offline"},
             "sft": {"step": 200, "ARC-Easy": 0.5, "GSM8K": 0.1, "MMLU": None, "ChatCORE": 0.2,
                     "ChatCORE_tasks": "ARC-Easy,GSM8K", "ChatCORE_complete": False,
-                    "counts": {"ARC-Easy": {"accuracy": 0.5, "total": 16}}},
+                    "counts": {"ARC-Easy": {"passed": 8, "total": 16}}},
             "rl": {"skipped": "models/rl: checkpoint not found"},
             "problems_per_s": 3.5, "wall_time_s": 30, "world_size": 1}
     _stage(tmp_path, "chat_eval", chat, "### sft\n\n| task | accuracy |")
@@ -64,10 +64,13 @@ def test_report_assembles_present_sections_and_marks_missing_ones(tmp_path):
     assert metrics["summary"] == {"base": {"val bpb": 1.25, "train bpb": 1.2, "CORE": 0.21},
                                   "sft": {"ARC-Easy": 0.5, "GSM8K": 0.1, "ChatCORE": 0.2}}
     rows = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ")]
-    assert rows == ["Metric", "train bpb", "val bpb", "CORE", "ARC-Easy", "GSM8K", "ChatCORE"]
-    assert "| BASE     | SFT      |" in summary
-    assert "| val bpb         | 1.2500   | -        |" in summary
-    assert "| ChatCORE        | -        | 0.2000   |" in summary
+    assert rows == ["Metric", "train bpb (base_eval)", "val bpb (base_eval)", "CORE", "ARC-Easy", "GSM8K", "ChatCORE"]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in summary.splitlines()
+             if line.startswith("| ")}
+    assert cells["Metric"] == ["BASE", "SFT"]
+    assert cells["val bpb (base_eval)"] == ["1.2500", "-"] and cells["ChatCORE"] == ["-", "0.2000"]
+    # an accuracy with the counts chat_eval recorded shows its sample size; one without shows the number alone
+    assert cells["ARC-Easy"] == ["-", "8/16 = 50.0 % (95 % CI 28.0-72.0)"] and cells["GSM8K"] == ["-", "0.1000"]
 
     # header
     assert text.startswith("# nanopipe run report") and "- GPUs: none available" in text

@@ -48,7 +48,7 @@ from nanopipe.runtime import (
     setup_device,
     setup_logging,
 )
-from nanopipe.tracking import Tracker, flatten, git_commit
+from nanopipe.tracking import Tracker, flatten, git_commit, source_tags
 
 log = logging.getLogger("nanopipe")
 
@@ -84,7 +84,9 @@ class Stage:
     def __enter__(self) -> "Stage":
         self._t0 = time.time()
         exp = os.environ.get("DVC_EXP_NAME", "")
-        tags = {"stage": self.name, "git_commit": git_commit(), "dvc_exp": exp or "workspace", "world_size": str(self.world_size)}
+        commit = git_commit()
+        tags = {"stage": self.name, "git_commit": commit, "dvc_exp": exp or "workspace", "world_size": str(self.world_size),
+                **source_tags(self.name, commit)}
         self.tracker.start(run_name=f"{exp}/{self.name}" if exp else self.name, tags=tags,
                            params=flatten(OmegaConf.to_container(self.cfg, resolve=True)),
                            texts={"config.yaml": OmegaConf.to_yaml(self.cfg)})
@@ -157,6 +159,44 @@ class Stage:
 def fmt(x, spec: str = ".4f") -> str:
     """A number for a report section: `n/a` when missing or not finite."""
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def fmt_num(x, decimals: int = 4) -> str:
+    """A number rounded for reading: integers with thousands separators; floats to `decimals` places
+    below 100, one place below 1000, none above (with separators), in scientific notation when tiny;
+    `n/a` when missing or not finite. 1.231232290625794 -> 1.2312, 6321.65 -> 6,322, 162.19 -> 162.2."""
+    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
+        return "n/a" if x is None else str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if not math.isfinite(x):
+        return "n/a"
+    if x == 0:
+        return f"{0:.{decimals}f}"
+    a = abs(x)
+    if a >= 1000:
+        return f"{x:,.0f}"
+    if a >= 100:
+        return f"{x:.1f}"
+    if a < 10 ** -decimals:
+        return f"{x:.2e}"
+    return f"{x:.{decimals}f}"
+
+
+def wilson(passed: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy (95 % at z=1.96): unlike p ± z·SE it stays inside
+    [0, 1] and is not zero-width at 0/n or n/n, where a small sample says least."""
+    p, n = passed / total, total
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def fmt_acc(passed: int, total: int) -> str:
+    """An accuracy with its sample size and 95 % confidence interval: `4/8 = 50.0 % (95 % CI 21.5-78.5)`."""
+    if not total:
+        return "n/a (0 problems)"
+    lo, hi = wilson(passed, total)
+    return f"{passed}/{total} = {100 * passed / total:.1f} % (95 % CI {100 * lo:.1f}-{100 * hi:.1f})"
 
 
 def run_stage(module: ModuleType, cfg: DictConfig, options: Any = None) -> None:

@@ -2,23 +2,32 @@
 
 One MLflow run per stage execution, in the experiment named by `tracking.experiment`,
 tagged with the stage, the git commit and the DVC experiment name (DVC sets
-$DVC_EXP_NAME for `dvc exp run`), and with the process that runs it (`host`, `pid`, `pid_start`): a
+$DVC_EXP_NAME for `dvc exp run`), MLflow's own source tags (`source_tags`: the UI's "Source" and
+"Git commit" columns), and with the process that runs it (`host`, `pid`, `pid_start`): a
 run left RUNNING by a process that is gone (kill -9, a lost node) is marked KILLED when the same
 stage next starts on that host. The default store is `sqlite:///<repo>/mlflow.db`,
 which is what `mlflow ui` opens in the repo root. Queued DVC experiments run in a temp
 copy of the repo; DVC points $DVC_ROOT at the real one, so their runs land in the same
 store. A tracking failure is logged and ignored: it must never cost a stage its outputs.
+
+The store survives a move of the repo (docs/decisions.md D18): MLflow writes absolute artifact URIs
+into the database (the experiment's location, each run's and each logged model's), so a copied or
+moved repo would keep writing artifacts into the old folder. Each run re-points those URIs at the
+current repo's mlruns/ first (`repoint_artifacts`) when the store is the repo's own mlflow.db.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 log = logging.getLogger("nanopipe.tracking")
 
@@ -33,6 +42,77 @@ def tracking_uri(configured: str | None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+# The experiment's kind: MLflow 3.x UIs that read it (`mlflow.experimentKind`, from mlflow's
+# server/js ExperimentKind) open the experiment on its runs, not on the GenAI overview and traces.
+# MLflow 3.17's UI ignores the tag for a global "workflow type" switch: see the README's MLflow section.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def repo_store(uri: str) -> Path | None:
+    """The database file when `uri` is the repo's own sqlite store (<repo>/mlflow.db), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return db if db.resolve() == (repo_root() / "mlflow.db").resolve() else None
+
+
+def artifact_root() -> str:
+    """Where the repo's store keeps its artifacts: <repo>/mlruns, as the file: URI MLflow stores."""
+    return (repo_root() / "mlruns").as_uri()
+
+
+# Every column where MLflow stores an absolute artifact URI (tables and columns absent from an older
+# schema are skipped).
+_URI_COLUMNS = [("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
+                ("model_versions", "source"), ("model_versions", "storage_location")]
+
+
+def repoint_artifacts(db: Path, old: str, new: str) -> dict[str, int]:
+    """Rewrite the artifact locations under the file: URI `old` to the same places under `new`, in one
+    transaction; returns the rows changed per table. MLflow stores some as URIs and some as plain paths
+    (the Default experiment's, and locations derived from it), so both spellings are rewritten. Old
+    runs' artifacts then read back from the moved copy too."""
+    changed: dict[str, int] = {}
+    prefixes = [(old, new), (url2pathname(urlparse(old).path), url2pathname(urlparse(new).path))]
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:
+            con.execute("BEGIN IMMEDIATE")
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for table, column in _URI_COLUMNS:
+                if table not in tables or column not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
+                    continue
+                for before, after in prefixes:
+                    # a prefix test by substr, not LIKE: a path may hold % or _
+                    n = con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                    f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                                    (after, len(before) + 1, before, len(before) + 1, before + "/")).rowcount
+                    if n:
+                        changed[table] = changed.get(table, 0) + n
+    finally:
+        con.close()
+    return changed
+
+
+def follow_repo(uri: str, location: str | None) -> bool:
+    """Re-point the store at this repo when it moved: True when it did. Only the repo's own store,
+    and only an artifact root of our layout (a file: URI of an `mlruns` folder) somewhere else."""
+    db, new = repo_store(uri), artifact_root()
+    if db is None or not location or location == new or not location.startswith("file:") \
+            or not location.rstrip("/").endswith("/mlruns"):
+        return False
+    changed = repoint_artifacts(db, location.rstrip("/"), new)
+    log.info("MLflow: the repo moved (artifacts were at %s); re-pointed to %s: %s", location, new,
+             ", ".join(f"{n} {t}" for t, n in changed.items()) or "nothing")
+    return True
+
+
+def source_tags(stage: str, commit: str) -> dict[str, str]:
+    """MLflow's own source tags (mlflow.utils.mlflow_tags): the run's source and git commit in the UI."""
+    return {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"src/nanopipe/stages/{stage}.py",
+            "mlflow.source.git.commit": commit}
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -109,6 +189,7 @@ class Tracker:
         self.experiment = experiment
         self.log_artifacts = log_artifacts
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self._client = None
         self._starting: threading.Thread | None = None
 
@@ -130,12 +211,16 @@ class Tracker:
             exp = client.get_experiment_by_name(self.experiment)
             if exp is not None:
                 exp_id = exp.experiment_id
+                follow_repo(self.uri, exp.artifact_location)
+                for key, value in EXPERIMENT_TAGS.items():
+                    if key not in exp.tags:  # experiments made before the tag; a user's own choice stays
+                        client.set_experiment_tag(exp_id, key, value)
             else:
                 # Artifacts next to the store, not in the cwd: queued `dvc exp run`s execute in temp
                 # copies of the repo that DVC deletes afterwards.
-                location = (repo_root() / "mlruns").as_uri() if self.uri.startswith("sqlite:") else None
+                location = artifact_root() if self.uri.startswith("sqlite:") else None
                 try:
-                    exp_id = client.create_experiment(self.experiment, artifact_location=location)
+                    exp_id = client.create_experiment(self.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
                 except Exception:  # noqa: BLE001 - another stage created it meanwhile
                     exp_id = client.get_experiment_by_name(self.experiment).experiment_id
             if tags.get("stage"):
@@ -144,6 +229,7 @@ class Tracker:
                 except Exception as e:  # noqa: BLE001
                     log.warning("MLflow: could not check for runs left RUNNING (%s: %s)", type(e).__name__, e)
             self.run_id = client.create_run(exp_id, run_name=run_name, tags={**tags, **process_tags()}).info.run_id
+            self.experiment_id = exp_id
             self._client = client
         except Exception as e:  # noqa: BLE001
             log.warning("MLflow unavailable at %s (%s: %s); this stage runs untracked", self.uri, type(e).__name__, e)
@@ -204,6 +290,45 @@ class Tracker:
     def log_text(self, text: str, name: str, wait: bool = True) -> None:
         if self.log_artifacts:
             self._call("log_text", "log_text", text, name, wait=wait)
+
+    def log_pyfunc(self, name: str, code: str | os.PathLike, artifacts: Mapping[str, str],
+                   inputs: list[tuple[str | None, str]], params: list[tuple[str, str, Any]],
+                   pip_requirements: list[str]) -> str | None:
+        """Log an MLflow pyfunc model "from code" (`code` defines the PythonModel and calls
+        mlflow.models.set_model) with this run; its `models:/<id>` URI, None where tracking is off or
+        failed (logged). The signature: `inputs` columns (name or None, MLflow type) in, one string per row out,
+        `params` (name, MLflow type, default). Requirements are given, not inferred: inferring them
+        loads the model in a subprocess."""
+        if not (self.enabled and self.log_artifacts):
+            return None
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        if self._client is None:
+            return None
+        try:
+            import mlflow
+            from mlflow.models import ModelSignature
+            from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+            signature = ModelSignature(inputs=Schema([ColSpec(t, n) for n, t in inputs]), outputs=Schema([ColSpec("string")]),
+                                       params=ParamSchema([ParamSpec(n, t, d) for n, t, d in params]))
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+            # Model.log logs through the fluent API's global store: ours for this call only, so the
+            # process's own MLflow setting (and $MLFLOW_TRACKING_URI, which set_tracking_uri exports) stays
+            # the model entity first, in the run's experiment: given only run_id, Model.log would file it
+            # under the Default experiment (it asks the fluent API's active experiment)
+            model = self._client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
+                                                     params=self._client.get_run(self.run_id).data.params)
+            with _use_tracking_uri(self.uri):
+                info = mlflow.models.Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=self.run_id,
+                                               model_id=model.model_id, python_model=str(code), artifacts=dict(artifacts),
+                                               signature=signature, pip_requirements=pip_requirements)
+            return info.model_uri
+        except Exception as e:  # noqa: BLE001 - tracking must never break a stage
+            log.warning("MLflow log_model %s failed (%s: %s); continuing without it", name, type(e).__name__, e)
+            return None
 
     def end(self, status: str = "FINISHED") -> None:
         self._call("end_run", "set_terminated", status=status)

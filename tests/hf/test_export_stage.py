@@ -135,8 +135,8 @@ def test_export_is_logged_with_its_run_in_mlflow(tmp_path, monkeypatch, tok, log
                                "export.verify=false", f"export.log_weights={str(log_weights).lower()}"))
     import mlflow
 
-    client = mlflow.MlflowClient(store)
-    (run,) = mlflow.search_runs(experiment_names=["export-test"], output_format="list")
+    client = mlflow.MlflowClient(store)  # this store, whatever an earlier test set as MLflow's global one
+    (run,) = client.search_runs([client.get_experiment_by_name("export-test").experiment_id])
     tags = run.data.tags
     assert tags["stage"] == "export" and tags["hf_model"] == "models/hf" and tags["hf_source"] == "rl"
     assert tags["hf_step"] == "16" and len(tags["hf_checkpoint_sha256"]) == 64
@@ -144,6 +144,37 @@ def test_export_is_logged_with_its_run_in_mlflow(tmp_path, monkeypatch, tok, log
     expected = {f"hf_model/{p.name}" for p in (tmp_path / "models/hf").iterdir()}
     assert logged == (expected if log_weights else expected - {"hf_model/model.safetensors"})
     assert run.data.params["export.source"] == "rl" and run.data.metrics["num_params"] > 0
+    if not log_weights:
+        assert "mlflow_model" not in tags  # the model would carry the weights
+        return
+
+    # the chat model as an MLflow model: loaded by MLflow alone, it replies as transformers does on models/hf
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    uri = tags["mlflow_model"]
+    assert uri.startswith("models:/") and f"`mlflow.pyfunc.load_model(\"{uri}\")" in \
+        (tmp_path / "metrics/sections/export.md").read_text()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "models/hf", trust_remote_code=True)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "models/hf")
+    prompts = ["Hi!", "What is 2+3?"]
+    expected = []
+    for prompt in prompts:
+        ids = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_dict=True, return_tensors="pt")
+        out = hf.generate(**ids, max_new_tokens=6, do_sample=False)
+        expected.append(hf_tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    shutil.rmtree(tmp_path / "models/hf")  # the MLflow model holds its own copy
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(store):  # a models:/ URI resolves through MLflow's global store
+        loaded = mlflow.pyfunc.load_model(uri)
+    replies = loaded.predict(prompts, params={"max_new_tokens": 6})
+    assert list(replies) == expected and any(expected)
+    assert loaded.metadata.run_id == run.info.run_id
+    with pytest.raises(Exception, match="max_new_tokens"):
+        loaded.predict(["Hi!"], params={"max_new_tokens": 0})
 
 
 def test_card_example_runs(tmp_path, monkeypatch, tok):

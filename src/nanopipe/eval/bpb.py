@@ -60,9 +60,15 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float
     return total_nats / (math.log(2) * total_bytes)
 
 
+def bpb_tokens(batch_size: int, seq_len: int, tokens: int, world_size: int) -> int:
+    """How many tokens bpb_on_shards scores for a budget of `tokens`: whole batches on every rank, at least one."""
+    return max(1, tokens // (batch_size * seq_len * world_size)) * batch_size * seq_len * world_size
+
+
 def bpb_on_shards(model, tokenizer, token_bytes, shard_paths, batch_size: int, seq_len: int, tokens: int, dev: Device) -> float:
-    """Bits per byte over the first `tokens` tokens of `shard_paths` (every rank takes part)."""
-    steps = max(1, tokens // (batch_size * seq_len * dev.world_size))
+    """Bits per byte over the first `tokens` tokens of `shard_paths` (every rank takes part): exactly
+    bpb_tokens(...) of them."""
+    steps = bpb_tokens(batch_size, seq_len, tokens, dev.world_size) // (batch_size * seq_len * dev.world_size)
     loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, batch_size, seq_len, shard_paths, device=dev.device)
     model.eval()
     with dev.autocast():

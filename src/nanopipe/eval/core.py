@@ -45,6 +45,13 @@ class EvalBundleUnavailable(RuntimeError):
         self.url, self.reason = url, reason
         super().__init__(f"eval bundle unavailable: cannot fetch {url}: {reason}")
 
+    @property
+    def short(self) -> str:
+        """One line for a report: what failed (the error's type, not its text) and what to do."""
+        what = self.reason.split(":", 1)[0]
+        return (f"eval bundle unavailable: cannot fetch {self.url} ({what}); point base_eval.bundle_url at a "
+                f"reachable URL or a local copy of eval_bundle.zip")
+
     def __reduce__(self):  # pickled by fetch_once to reach the other ranks: rebuild from (url, reason)
         return type(self), (self.url, self.reason)
 
@@ -352,8 +359,8 @@ def core_or_unavailable(model, tokenizer, dev: Device, bundle_url: str, bundle_c
         bundle = fetch_once(lambda: fetch_eval_bundle(bundle_url, Path(bundle_cache)),
                             Path(bundle_cache) / ".eval_bundle.lock")
     except EvalBundleUnavailable as e:
-        log.warning("CORE unavailable: %s", e)
-        return {"core_metric": None, "core_unavailable": str(e)}
+        log.warning("CORE unavailable: %s", e)  # the full error in the log; the metrics and report get one clean line
+        return {"core_metric": None, "core_unavailable": e.short}
     model.eval()
     with dev.autocast():
         out = evaluate_core(model, tokenizer, dev.device, bundle, max_per_task=max_per_task)

@@ -22,7 +22,7 @@ from pathlib import Path
 from nanopipe import paths
 from nanopipe.config import ConfigError
 from nanopipe.data.shards import read_manifest, split_paths
-from nanopipe.eval.bpb import bpb_on_shards
+from nanopipe.eval.bpb import bpb_on_shards, bpb_tokens
 from nanopipe.eval.core import core_or_unavailable
 from nanopipe.eval.samples import greedy_samples
 from nanopipe.hf.outside import OutsideModelError, load_outside
@@ -71,7 +71,8 @@ def run(st: Stage) -> None:
         seq_len = model.config.sequence_len
     train, val = split_paths(read_manifest())
 
-    metrics: dict = {"step": meta.get("step")}
+    # every bpb here is over the first val_bpb_tokens tokens of its shards (the report says so beside pretrain's)
+    metrics: dict = {"step": meta.get("step"), "val_bpb_tokens": bpb_tokens(c.device_batch_size, seq_len, c.eval_tokens, dev.world_size)}
     for split, shard_paths in (("train", train), ("val", [val])):
         metrics[f"{split}_bpb"] = bpb_on_shards(model, tokenizer, token_bytes, shard_paths, c.device_batch_size,
                                                 seq_len, c.eval_tokens, dev)
@@ -86,7 +87,9 @@ def run(st: Stage) -> None:
     else:
         metrics["core_centered"] = core["centered_results"]
     report = [f"- model: `{hf_path}` (transformers; bits per byte of its own tokenizer's bytes)"] if hf_path else []
-    report += [f"- val bpb: {metrics['val_bpb']:.4f}", f"- train bpb: {metrics['train_bpb']:.4f}",
+    tokens = f"first {metrics['val_bpb_tokens']:,} tokens"
+    report += [f"- val bpb: {metrics['val_bpb']:.4f} (final model, {tokens} of the val shard)",
+               f"- train bpb: {metrics['train_bpb']:.4f} ({tokens} of the train shards)",
               f"- CORE: {metrics['core_metric']:.4f}" if metrics["core_metric"] is not None else f"- CORE: unavailable ({metrics['core_unavailable']})"]
     if "core_centered" in metrics:
         report += ["", "| task | accuracy | centered |", "|---|---:|---:|"]

@@ -29,7 +29,7 @@ from nanopipe.eval.chatcore import (
 )
 from nanopipe.model.checkpoint import checkpoint_at, load_model
 from nanopipe.sandbox import SandboxUnavailableError
-from nanopipe.stage import DEVICE_PARAMS, Stage
+from nanopipe.stage import DEVICE_PARAMS, Stage, fmt_acc
 from nanopipe.tasks import DatasetUnavailableError
 from nanopipe.tokenizer import load_tokenizer
 
@@ -85,14 +85,14 @@ def run(st: Stage) -> None:
         problems += sum(v["total"] for v in results.values())
         seconds += sum(v["time_s"] for v in results.values())
         report += ["", f"### {source} ({ckpt}, step {meta.get('step')})", "",
-                   "| task | accuracy | centred | problems |", "|---|---:|---:|---:|"]
+                   "| task | passed/problems = accuracy (95 % CI) | centred |", "|---|---:|---:|"]
         for name in c.tasks:
             if name in results and results[name]["accuracy"] is not None:
                 acc = results[name]["accuracy"]
                 centred = (acc - BASELINES[name]) / (1 - BASELINES[name])
-                report.append(f"| {name} | {acc:.4f} | {centred:.4f} | {results[name]['total']} |")
+                report.append(f"| {name} | {fmt_acc(results[name]['passed'], results[name]['total'])} | {centred:.4f} |")
             else:
-                report.append(f"| {name} | unavailable | | 0 |")
+                report.append(f"| {name} | unavailable (0 problems) | |")
         report += [f"\nModel-written code of {k} ran under: {v['isolation']} (chat_eval.sandbox={c.sandbox})"
                    for k, v in results.items() if v.get("isolation")]
         scope = "over the six standard tasks" if complete else \

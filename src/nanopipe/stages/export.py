@@ -7,11 +7,18 @@ provenance (nanopipe.json) and a model card built from the run's metrics (nanopi
 `export.verify` the directory is loaded through transformers' Auto classes before it is published,
 and logits, tokenization and chat rendering are compared with ours; metrics/export.json records the
 numbers. The export runs on the CPU in fp32 whatever the training device was.
+
+The export is also logged with its MLflow run as a pyfunc model, `chat_model` (nanopipe.hf.mlflow_chat:
+`mlflow.pyfunc.load_model(uri).predict(["Hi!"])` replies), here rather than in chat_eval or report:
+this stage holds the final chat model in a form that loads without nanopipe, already verified
+(docs/decisions.md D19).
+`export.log_weights=false` (big models: weights left to DVC) logs neither the weights nor the model.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+from pathlib import Path
 
 from nanopipe import __version__, artifacts, paths
 from nanopipe.hf.card import model_card
@@ -24,6 +31,7 @@ from nanopipe.tracking import git_commit
 log = logging.getLogger("nanopipe.export")
 
 PARAMS = ["export"]
+MLFLOW_MODEL = Path(__file__).resolve().parents[1] / "hf" / "mlflow_chat.py"  # logged as code, not imported
 CARD_METRICS = ("pretrain", "base_eval", "sft", "rl", "chat_eval")  # the model card's numbers (dvc.yaml deps)
 
 
@@ -56,6 +64,13 @@ def run(st: Stage) -> None:
     st.tracker.log_dir(paths.HF_EXPORT, "hf_model", exclude=() if c.log_weights else (WEIGHTS_FILE,))
     st.tracker.set_tags({"hf_model": str(paths.HF_EXPORT), "hf_source": c.source, "hf_step": step,
                          "hf_name": name, "hf_checkpoint_sha256": provenance["checkpoint_sha256"]})
+    model_uri = st.tracker.log_pyfunc(
+        "chat_model", MLFLOW_MODEL, {"hf": str(paths.HF_EXPORT)}, inputs=[(None, "string")],
+        params=[("max_new_tokens", "long", 128), ("temperature", "double", 0.0), ("top_k", "long", 50)],
+        pip_requirements=[f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in ("mlflow", "torch", "transformers")],
+    ) if c.log_weights else None
+    if model_uri:
+        st.tracker.set_tags({"mlflow_model": model_uri})
     out = {"source": c.source, "step": step, "name": name, "num_params": num_params, "weights_bytes": size,
            "verified": bool(checks), **checks}
     report = [f"- `{paths.HF_EXPORT}`: {name}, from `models/{c.source}` at step {step} ({num_params:,} parameters, "
@@ -67,4 +82,7 @@ def run(st: Stage) -> None:
                       f"{checks['verify_texts']} texts tokenized identically, chat template equal to ours")
     else:
         report.append("- not verified (export.verify=false)")
+    if model_uri:
+        report.append(f"- MLflow: the pyfunc model `chat_model` of the export run, `mlflow.pyfunc.load_model(\"{model_uri}\")"
+                      ".predict([\"Hi!\"])` replies")
     st.finish(out, "\n".join(report))

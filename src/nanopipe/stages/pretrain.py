@@ -26,14 +26,14 @@ from nanopipe.data.loader import (
     tokenizing_distributed_data_loader_with_state_bos_bestfit,
 )
 from nanopipe.data.shards import read_manifest, split_paths
-from nanopipe.eval.bpb import bpb_on_shards
+from nanopipe.eval.bpb import bpb_on_shards, bpb_tokens
 from nanopipe.eval.core import core_or_unavailable
 from nanopipe.eval.samples import greedy_samples
 from nanopipe.model import fp8
 from nanopipe.model.attention import windowed_sdpa_problem
 from nanopipe.model.checkpoint import save_checkpoint
 from nanopipe.model.gpt import GPT, config_from_depth, create_model, maybe_compile
-from nanopipe.stage import WORLD_PARAMS, Stage
+from nanopipe.stage import WORLD_PARAMS, Stage, fmt_num
 from nanopipe.tokenizer import load_token_bytes, load_tokenizer
 from nanopipe.train.loop import NonFiniteGuard, Resume, StepMeter, fingerprint, optimizer_step
 from nanopipe.train.schedules import lr_multiplier, muon_momentum
@@ -278,11 +278,12 @@ def run(st: Stage) -> None:
                   "total_batch_size": pl.total_batch_size, "user_config": OmegaConf.to_container(cfg.pretrain)}
     save_checkpoint(paths.CHECKPOINTS["base"], model, None, final_meta, save_rng=False, history=resume.history)
     resume.clear()
-    st.finish(*summarize(pl, loop, val_bpb, core, samples, meter, dev, step, resumed_from, train_precision, eval_precision))
+    st.finish(*summarize(pl, loop, val_bpb, core, samples, meter, dev, step, resumed_from, train_precision, eval_precision,
+                         val_tokens=bpb_tokens(B, T, p.eval_tokens, dev.world_size)))
 
 
 def summarize(pl: Plan, loop: dict, val_bpb, core: dict, samples: list[str], meter: StepMeter, dev, step: int,
-              resumed_from: int, train_precision: str, eval_precision: str) -> tuple[dict, str]:
+              resumed_from: int, train_precision: str, eval_precision: str, val_tokens: int | None = None) -> tuple[dict, str]:
     """The stage's metrics and its report section."""
     tok_s = meter.median_tok_per_sec()
     metrics = {
@@ -290,7 +291,7 @@ def summarize(pl: Plan, loop: dict, val_bpb, core: dict, samples: list[str], met
         "flops_per_token": pl.flops_per_token, "total_batch_size": pl.total_batch_size,
         "total_tokens": pl.total_tokens, "tokens_per_scaling_param": pl.tokens_per_scaling_param,
         "total_flops": pl.total_flops, "lr_scale": pl.lr_scale,
-        "weight_decay": pl.weight_decay, "final_val_bpb": val_bpb,
+        "weight_decay": pl.weight_decay, "final_val_bpb": val_bpb, "val_bpb_tokens": val_tokens,
         "min_val_bpb": loop["min_val_bpb"] if math.isfinite(loop["min_val_bpb"]) else None,
         "core_metric": core.get("core_metric"), "train_loss": meter.smooth_loss / (1 - 0.9 ** max(step, 1)),
         "tok_per_sec": tok_s,
@@ -306,8 +307,10 @@ def summarize(pl: Plan, loop: dict, val_bpb, core: dict, samples: list[str], met
         f"- FLOPs per token: {pl.flops_per_token:.3e}; total training FLOPs: {pl.total_flops:.3e}",
         f"- iterations: {pl.num_iterations} ({pl.horizon_from}), batch {pl.total_batch_size:,} tokens, {pl.total_tokens:,} tokens",
         f"- tokens : scaling params = {pl.tokens_per_scaling_param:.2f}",
-        f"- min val bpb: {metrics['min_val_bpb']}; final val bpb: {val_bpb}",
-        f"- median tok/s: {tok_s}; MFU: {metrics['mfu']}; training time: {loop['total_training_time']:.1f} s",
+        f"- val bpb during training (first {fmt_num(val_tokens)} tokens of the val shard; base_eval measures the final "
+        f"model on its own budget): min {fmt_num(metrics['min_val_bpb'])}, final {fmt_num(val_bpb)}",
+        f"- median tok/s: {fmt_num(tok_s)}; MFU: {fmt_num(metrics['mfu'], 2)}{' %' if metrics['mfu'] is not None else ''}; "
+        f"training time: {loop['total_training_time']:.1f} s",
         f"- matmul precision: training {train_precision}; val bpb, CORE and samples {eval_precision}",
         f"- peak memory: {metrics['peak_memory_mib']:.0f} MiB; world size {dev.world_size}",
         *(["", "Samples (greedy):", *[f"- {s!r}" for s in samples]] if samples else []),

@@ -8,11 +8,13 @@ Every stage writes its own section (metrics/sections/<stage>.md) and metrics fil
 2. every lifecycle stage's section, in lifecycle order. A stage without a section is
    listed as "not run", never silently dropped (nanochat dropped its SFT section over a
    name mismatch); sections on disk under any other name are appended too;
-3. a summary: the headline metrics (val bpb, CORE, per-task accuracies and ChatCORE per
-   chat model), stage wall times and a cost estimate from the configured hourly rates.
+3. a summary: the headline metrics (val bpb, CORE, per-task accuracies with their sample sizes and
+   confidence intervals, and ChatCORE per chat model), stage wall times and a cost estimate from the configured hourly rates;
+4. pictures beside the sections (nanopipe.charts): the training curves of pretrain, SFT and RL from
+   their plot files (metrics/<stage>/*.csv) and chat_eval's accuracies, as metrics/report/<stage>.png.
 
-It reads metrics files only, never checkpoints or data, and writes only its own outputs
-(metrics/report.md, metrics/report.json, metrics/sections/report.md), so running it
+It reads metrics and plot files only, never checkpoints or data, and writes only its own outputs
+(metrics/report.md, metrics/report.json, metrics/sections/report.md, metrics/report/), so running it
 never invalidates an upstream stage.
 """
 from __future__ import annotations
@@ -28,8 +30,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
-from nanopipe import artifacts, paths
-from nanopipe.stage import Stage
+from nanopipe import artifacts, charts, paths
+from nanopipe.stage import Stage, fmt_acc, fmt_num, wilson
 
 log = logging.getLogger("nanopipe.report")
 
@@ -38,6 +40,8 @@ PARAMS = ["report"]
 # The lifecycle, in order. The report shows each one, run or not.
 STAGES = ["download", "tokenizer", "tok_eval", "pretrain", "base_eval", "sft", "rl", "chat_eval", "export"]
 REPORT = paths.METRICS / "report.md"
+IMAGES = paths.METRICS / "report"  # the charts, linked from report.md as report/<stage>.png
+CHART_STAGES = ["pretrain", "sft", "rl", "chat_eval"]
 KEY_PACKAGES = ["torch", "dvc", "hydra-core", "omegaconf", "mlflow", "tokenizers", "tiktoken", "rustbpe",
                 "pyarrow", "numpy", "datasets", "fastapi", "uvicorn"]
 CODE_SUFFIXES = {".py", ".html", ".md", ".yaml", ".toml", ".sh", ".js", ".css"}
@@ -249,6 +253,67 @@ def chat_scores(chat: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
     return columns
 
 
+def chat_counts(chat: Mapping[str, Any] | None) -> dict[str, dict[str, dict[str, int]]]:
+    """{model: {task: {"passed", "total"}}} from metrics/chat_eval.json's per-model `counts`."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for key, value in (chat or {}).items():
+        if isinstance(value, Mapping) and isinstance(value.get("counts"), Mapping):
+            out[key] = {t: {"passed": int(c["passed"]), "total": int(c["total"])} for t, c in value["counts"].items()
+                        if isinstance(c, Mapping) and _number(c.get("passed")) is not None and _number(c.get("total"))}
+    return out
+
+
+def bpb_note(stage_data: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """What the summary's "val bpb" is, and pretrain's own val bpb beside it: both are bits per byte on
+    the val shard, but base_eval measures the final base model over base_eval.eval_tokens, pretrain
+    its in-training estimate over pretrain.eval_tokens (fewer, by default), so the two differ."""
+    pre, base = (stage_data.get("pretrain", {}).get("metrics") or {}), (stage_data.get("base_eval", {}).get("metrics") or {})
+
+    def tokens(m):
+        return f" over the first {m['val_bpb_tokens']:,} tokens" if isinstance(m.get("val_bpb_tokens"), int) else ""
+
+    parts = []
+    if _number(base.get("val_bpb")) is not None:
+        parts.append(f"val bpb (base_eval): bits per byte of the final base model on the val shard{tokens(base)}")
+        if _number(pre.get("final_val_bpb")) is not None:
+            parts.append(f"pretrain's own val bpb, {fmt_num(pre['final_val_bpb'])}, is its in-training estimate{tokens(pre)}")
+    elif _number(pre.get("final_val_bpb")) is not None:
+        parts.append(f"val bpb (pretrain): pretrain's in-training estimate on the val shard{tokens(pre)} (base_eval has not run)")
+    return "; ".join(parts) + "." if parts else None
+
+
+def not_measured(stage_data: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per headline number that could not be measured (CORE without its bundle, a chat task
+    without its data or sandbox), with the reason the stage recorded, so an absent row is explained."""
+    lines = []
+    base = stage_data.get("base_eval", {}).get("metrics") or {}
+    if base and base.get("core_metric") is None and isinstance(base.get("core_unavailable"), str):
+        lines.append(f"CORE: not measured: {base['core_unavailable']}")
+    unavailable = (stage_data.get("chat_eval", {}).get("metrics") or {}).get("unavailable")
+    if isinstance(unavailable, Mapping):
+        lines += [f"{task}: not measured: {reason}" for task, reason in unavailable.items()]
+    return lines
+
+
+def build_charts(root: Path) -> dict[str, bytes]:
+    """{file name: PNG} of the charts the stage outputs under `root` allow: a stage with its metrics file
+    and curves (or, for chat_eval, counts) has one."""
+    images = {}
+    for stage in CHART_STAGES:
+        metrics = read_stage(root, stage)["metrics"]
+        if metrics is None:  # not run (or failed: no metrics file): its plot files, if any, are not a result
+            continue
+        if stage == "chat_eval":
+            counts = {m: {t: {**c, **dict(zip(("lo", "hi"), wilson(c["passed"], c["total"])))} for t, c in tasks.items()}
+                      for m, tasks in chat_counts(metrics).items()}
+            png = charts.accuracy_chart(counts)
+        else:
+            png = charts.curve_chart(root, stage)
+        if png:
+            images[f"{stage}.png"] = png
+    return images
+
+
 def headline(stage_data: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """The summary table: {column: {metric: value}}; columns base, then the chat models."""
     def metric(stage: str, key: str) -> float | None:
@@ -273,27 +338,39 @@ def _row_order(name: str) -> tuple:
     return (name not in ("val bpb", "train bpb"), name != "CORE", name == "ChatCORE", name.lower())
 
 
-def summary_table(table: Mapping[str, Mapping[str, float]]) -> str:
+def summary_table(table: Mapping[str, Mapping[str, float]], counts: Mapping[str, Mapping[str, Mapping[str, int]]] = {},
+                  labels: Mapping[str, str] = {}) -> str:
+    """The headline table: numbers rounded (fmt_num), an accuracy with its sample size and standard
+    error where chat_eval recorded its counts (fmt_acc), a row shown under `labels[row]` if given."""
     if not table:
         return "_No headline metrics yet (pretrain, base_eval or chat_eval has not run)._\n"
     columns = sorted(table, key=lambda c: (["base", "sft", "rl"].index(c) if c in ("base", "sft", "rl") else 3, c))
     rows = sorted({m for c in columns for m in table[c]}, key=_row_order)
-    width = max(15, *(len(r) for r in rows))
-    lines = [f"| {'Metric'.ljust(width)} |" + "".join(f" {c.upper():<8} |" for c in columns),
-             f"|{'-' * (width + 2)}|" + "".join(f"{'-' * 10}|" for _ in columns)]
+
+    def cell(c, r):
+        if r not in table[c]:
+            return "-"
+        n = (counts.get(c) or {}).get(r)
+        return fmt_acc(n["passed"], n["total"]) if n else fmt_num(table[c][r])
+
+    cells = {(c, r): cell(c, r) for c in columns for r in rows}
+    width = max(15, *(len(labels.get(r, r)) for r in rows))
+    widths = {c: max(8, len(c), *(len(cells[c, r]) for r in rows)) for c in columns}
+    lines = [f"| {'Metric'.ljust(width)} |" + "".join(f" {c.upper():<{widths[c]}} |" for c in columns),
+             f"|{'-' * (width + 2)}|" + "".join(f"{'-' * (widths[c] + 2)}|" for c in columns)]
     for r in rows:
-        cells = "".join(f" {(f'{table[c][r]:.4f}' if r in table[c] else '-'):<8} |" for c in columns)
-        lines.append(f"| {r.ljust(width)} |{cells}")
+        lines.append(f"| {labels.get(r, r).ljust(width)} |" + "".join(f" {cells[c, r]:<{widths[c]}} |" for c in columns))
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- assembly
 
 def build(root: Path, gpu_hourly_rate: float, cpu_hourly_rate: float, gpus_per_node: int = -1,
-          env: Mapping[str, Any] | None = None) -> tuple[str, str, dict[str, Any]]:
+          env: Mapping[str, Any] | None = None, images: Any = ()) -> tuple[str, str, dict[str, Any]]:
     """(report markdown, summary markdown, metrics) from the stage outputs under `root`.
 
-    `env` replaces the probes of this machine (git, gpu, system, versions, code), for tests.
+    `env` replaces the probes of this machine (git, gpu, system, versions, code), for tests. `images`:
+    the chart file names written to IMAGES (build_charts), each linked under its stage's section.
     """
     env = dict(env or {})
     git = env.get("git") or git_info(root)
@@ -328,15 +405,25 @@ def build(root: Path, gpu_hourly_rate: float, cpu_hourly_rate: float, gpus_per_n
         section = (d["section"] or f"## {s}\n\n_{paths.section_file(s)} is missing; the metrics file exists._\n").rstrip()
         if d["error"]:
             section += f"\n\n_{d['error']}_"
+        if f"{s}.png" in images:
+            section += f"\n\n![{s} charts]({IMAGES.name}/{s}.png)"
         body.append(section + "\n")
 
     table = headline(data)
+    counts = chat_counts(data["chat_eval"]["metrics"])
+    base = data["base_eval"]["metrics"] or {}
+    labels = {"val bpb": "val bpb (base_eval)" if _number(base.get("val_bpb")) is not None else "val bpb (pretrain)",
+              "train bpb": "train bpb (base_eval)"}
+    note = bpb_note(data)
     total_s = sum(c["hours"] for c in costs.values()) * 3600
     total_cost = sum(c["cost_usd"] for c in costs.values())
     device_hours = sum(c["device_hours"] for c in costs.values())
     missing = [s for s in STAGES if data[s]["section"] is None and data[s]["metrics"] is None]
     summary = "\n".join([
-        summary_table(table).rstrip(), "",
+        summary_table(table, counts, labels).rstrip(), "",
+        *([note, ""] if note else []),
+        *(["Accuracies: passed/problems = accuracy (95 % Wilson confidence interval).", ""] if counts else []),
+        *([*(f"- {line}" for line in not_measured(data)), ""] if not_measured(data) else []),
         f"Total wall clock time: {fmt_duration(total_s)} over {len(costs)} stage(s) "
         f"({device_hours:.2f} {'GPU' if gpus_per_node > 0 else 'machine'}-hours)",
         f"Estimated cost: {fmt_usd(total_cost)} at {rate_line}",
@@ -358,9 +445,14 @@ def build(root: Path, gpu_hourly_rate: float, cpu_hourly_rate: float, gpus_per_n
 
 def run(st: Stage) -> None:
     r = st.cfg.report
-    report, summary, metrics = build(Path.cwd(), r.gpu_hourly_rate, r.cpu_hourly_rate, r.gpus_per_node)
+    images = build_charts(Path.cwd())
+    report, summary, metrics = build(Path.cwd(), r.gpu_hourly_rate, r.cpu_hourly_rate, r.gpus_per_node, images=images)
+    with artifacts.atomic_dir(IMAGES) as tmp:  # the whole folder at once: no stale chart of a stage that did not run
+        for name, png in images.items():
+            (tmp / name).write_bytes(png)
     artifacts.write_text(REPORT, report)
     st.tracker.log_artifact(REPORT)
+    st.tracker.log_dir(IMAGES, IMAGES.name)
     log.info("wrote %s (%d of %d stages ran)", REPORT, metrics["stages_run"], len(STAGES))
     print(summary)
     st.finish(metrics, summary)

@@ -195,9 +195,11 @@ def load_baseline(tiktoken_name: str, timeout_s: float = 10.0, allow_download: b
                       f"no network?); set TIKTOKEN_CACHE_DIR to a directory holding its files")
     if "err" in box:
         e = box["err"]
+        if not cached:  # offline, nearly always: one clean line and the fix, not the network library's text
+            return None, (f"{tiktoken_name!r} is not in the {where} and could not be downloaded ({type(e).__name__}); "
+                          f"set TIKTOKEN_CACHE_DIR to a directory holding its files")
         msg = str(e).splitlines()[0][:120] if str(e) else ""
-        hint = "" if cached else f" (not in the {where}; the download failed)"
-        return None, f"loading {tiktoken_name!r} failed: {type(e).__name__}: {msg}{hint}"
+        return None, f"loading {tiktoken_name!r} failed: {type(e).__name__}: {msg}"
     return box["tok"], None
 
 
