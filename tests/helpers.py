@@ -31,7 +31,7 @@ def run(cmd, cwd, env=None, check=True, timeout=900):
     return p
 
 
-REPO_FILES = ["dvc.yaml", "conf", "stages", "src", "pyproject.toml", ".dvcignore", ".gitignore"]
+REPO_FILES = ["dvc.yaml", "conf", "stages", "src", "plots", "pyproject.toml", ".dvcignore", ".gitignore"]  # plots/: the offline page
 
 
 def make_repo_copy(dest: Path, *overrides: str) -> Path:

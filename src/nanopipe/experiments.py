@@ -12,6 +12,7 @@ whose experiment already exists are skipped (the script skipped pairs already in
 CSV). `--run` then runs the queue (`dvc exp run --run-all`).
 
     python -m nanopipe.experiments show [--all-commits] [--params k1,k2]   # the short experiments table
+    python -m nanopipe.experiments plots [EXP ...]      # dvc plots diff, without inherited curves
 
 `show` is `dvc exp show` cut to what a researcher reads (at most 15 columns: the name, the params
 that differ between the rows, one headline number per stage) and honest about inherited numbers:
@@ -20,7 +21,9 @@ metrics files in its commit, and `dvc exp show` lists them as if they were its o
 file records the fingerprints of the artifacts it was computed from (`lineage`, written by the
 stage contract); a stage whose inputs are not the artifacts this experiment's own upstream stages
 produced is *inherited*: its numbers are marked `*` and it is named in the `inherited` column
-(docs/decisions.md, D15).
+(docs/decisions.md, D15). `plots` runs `dvc plots diff` once per stage with the curves (dvc.yaml's
+top-level `plots:`), over only the experiments whose run of that stage is their own, so that an
+experiment that never ran SFT is not drawn with the baseline's SFT curves.
 
 `collect` reads the results from `dvc exp show --json` (each experiment's params and its
 metrics/pretrain.json), not from training logs, into a CSV, fits val bpb as a quadratic
@@ -473,6 +476,30 @@ def show_table(exp_show: list, params: list[str] | None = None) -> tuple[list[st
     return header, table, notes
 
 
+# dvc.yaml's top-level plot ids, by the stage that wrote their CSVs
+PLOT_IDS = {"pretrain": ["pretrain_loss", "pretrain_val_bpb"], "sft": ["sft_loss"], "rl": ["rl_reward", "rl_pass_at_k"]}
+
+
+def plots_commands(exp_show: list, names: list[str] | None, out_dir: Path) -> tuple[list[list[str]], list[str]]:
+    """(`dvc plots diff` argvs, notes): per stage with curves, the rows (experiments, baselines, the workspace;
+    default: all) whose metrics for that stage are their own; the others are named in a note, never drawn."""
+    rows = {r["name"]: r for r in _rows(exp_show)}
+    names = names or list(rows)
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        raise SystemExit(f"not in `dvc exp show`: {', '.join(unknown)} (names: {', '.join(rows)})")
+    argvs, notes = [], []
+    for stage, ids in PLOT_IDS.items():
+        origins = {n: stage_origins(rows[n]["metrics"]).get(stage, "not run") for n in names}
+        own = [n for n in names if origins[n] == OWN]  # row names are revs DVC resolves (experiment, branch, sha)
+        left_out = [f"{n} ({origins[n]})" for n in names if origins[n] != OWN]
+        if left_out:
+            notes.append(f"{stage} curves: left out {', '.join(left_out)}")
+        if own:
+            argvs.append(["dvc", "plots", "diff", *own, "--targets", *ids, "-o", str(out_dir / stage)])
+    return argvs, notes
+
+
 def print_show(header: list[str], table: list[list[str]], notes: list[str]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
     for line in [header, *table]:
@@ -513,8 +540,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--all-commits", action="store_true", help="experiments of every commit, not just HEAD")
     p.add_argument("--params", help="comma-separated param columns (default: those that differ between the rows)")
     p.add_argument("--from-json", type=Path, help="read a saved `dvc exp show --json` instead of running dvc")
+    p = sub.add_parser("plots", help="`dvc plots diff` per stage, leaving out experiments whose curves are inherited")
+    p.add_argument("names", nargs="*", help="experiments / branches / revs as `show` names them (default: every row)")
+    p.add_argument("--out", type=Path, default=Path("dvc_plots"), help="one page per stage: OUT/<stage>/index.html")
     args = ap.parse_args(argv)
     cwd = Path(".")
+
+    if args.command == "plots":
+        data = dvc_json(["exp", "show", "--json"], cwd)
+        argvs, notes = plots_commands(data, args.names, args.out)
+        for argv in argvs:
+            print("+ " + " ".join(argv), flush=True)
+            subprocess.run(argv, cwd=cwd, check=True)
+        for n in notes:
+            print(n)
+        return
 
     if args.command == "show":
         data = json.loads(args.from_json.read_text()) if args.from_json else \
