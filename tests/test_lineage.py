@@ -105,9 +105,11 @@ def _ran(out: str) -> list[str]:
 
 @pytest.mark.slow
 def test_an_experiment_up_to_pretrain_shows_downstream_metrics_as_inherited(tmp_path):
-    """Baseline: the smoke chain through chat_eval, committed. Experiment: another matrix_lr, run up to
-    pretrain only; its commit carries the baseline's base_eval/sft/rl/chat_eval metrics files.
-    `dvc exp show` lists them as the experiment's; `experiments show` marks them inherited."""
+    """Baseline: the smoke chain through chat_eval (base_eval is not on its way), committed. Experiment:
+    another matrix_lr, run up to pretrain only; its commit carries the baseline's sft/rl/chat_eval metrics
+    files and curves. `dvc exp show` lists them as the experiment's; `experiments show` marks them
+    inherited and `experiments plots` leaves their curves out. The baseline's SFT model is then fetched by
+    its registry name (`dvc artifacts get`)."""
     repo = make_repo_copy(tmp_path / "repo", "experiment=smoke", "tracking.enabled=false")
     env = {"PYTHONPATH": str(repo / "src")}
     run(["dvc", "repro", "chat_eval"], repo, env=env)
@@ -125,7 +127,7 @@ def test_an_experiment_up_to_pretrain_shows_downstream_metrics_as_inherited(tmp_
     rows = {r[0]: dict(zip(header, r)) for r in table}
     exp, base = rows["lr01"], rows[next(n for n in rows if n not in ("lr01", "workspace"))]
     assert exp["pretrain.matrix_lr"] == "0.01" and base["pretrain.matrix_lr"] == "0.02"
-    assert base["inherited"] == "-" and exp["inherited"].split(",") == ["base_eval", "sft", "rl", "chat_eval"]
+    assert base["inherited"] == "-" and exp["inherited"].split(",") == ["sft", "rl", "chat_eval"]
     assert exp["sft val_bpb"] == base["sft val_bpb"] + "*"  # the baseline's number, marked
     assert not exp["pretrain val_bpb"].endswith("*") and exp["pretrain val_bpb"] != base["pretrain val_bpb"]
     assert exp["tok_eval bytes/tok"] == base["tok_eval bytes/tok"]  # shared upstream, reused: own, not marked
@@ -133,5 +135,20 @@ def test_an_experiment_up_to_pretrain_shows_downstream_metrics_as_inherited(tmp_
     # the CLI a researcher types
     out = run(["python", "-m", "nanopipe.experiments", "show", "--from-json", str(saved)], repo, env=env).stdout
     line = next(line for line in out.splitlines() if line.startswith("lr01"))
-    assert line.rstrip().endswith("base_eval,sft,rl,chat_eval") and "*" in line
+    assert line.rstrip().endswith("sft,rl,chat_eval") and "*" in line
+    print(out)  # the table, as docs/experiments.md shows it
+
+    # plots: the pretrain page compares both runs, the SFT and RL pages only the baseline
+    out = run(["python", "-m", "nanopipe.experiments", "plots", "lr01", base["experiment"], "--out", str(tmp_path / "pl")],
+              repo, env=env).stdout
+    assert "sft curves: left out lr01 (inherited)" in out and "rl curves: left out lr01 (inherited)" in out, out
+    pages = {stage: (tmp_path / "pl" / stage / "index.html").read_text() for stage in ("pretrain", "sft", "rl")}
+    assert '"rev": "lr01"' in pages["pretrain"] and f'"rev": "{base["experiment"]}"' in pages["pretrain"]
+    for stage in ("sft", "rl"):
+        assert '"rev": "lr01"' not in pages[stage] and f'"rev": "{base["experiment"]}"' in pages[stage], stage
+
+    # the model registry: a version tag (GTO's format) and the model comes back by name
+    run(["git", "tag", "-a", "sft@v0.1.0", "-m", "baseline SFT model"], repo)
+    run(["dvc", "artifacts", "get", str(repo), "sft", "-o", str(tmp_path / "sft")], tmp_path, env=env)
+    assert (tmp_path / "sft/meta.json").read_bytes() == (repo / "models/sft/meta.json").read_bytes()
     shutil.rmtree(repo / ".dvc/tmp", ignore_errors=True)
