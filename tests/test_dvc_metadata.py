@@ -3,6 +3,7 @@ diagram committed in docs/pipeline.md (`dvc dag --mermaid`)."""
 import re
 
 from helpers import REPO, run
+
 from nanopipe import paths
 
 
@@ -23,7 +24,7 @@ def test_artifacts_are_the_models_in_dvcs_registry_format():
     assert {str(p) for p in want.values()} <= outs  # each is a stage's output, so DVC can fetch it by name
 
 
-MERMAID = re.compile(r"<!-- dvc dag --mermaid: begin -->\n```mermaid\n(.*?)```\n<!-- dvc dag --mermaid: end -->", re.S)
+MERMAID = re.compile(r"<!-- dvc dag --mermaid: begin -->\n```mermaid\n(.*?)```\n<!-- dvc dag --mermaid: end -->", re.DOTALL)
 
 
 def test_the_committed_pipeline_diagram_is_current():

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import yaml
-
 from helpers import REPO, make_cfg, make_repo_copy, run
+
 from nanopipe import artifacts, experiments, paths
 from nanopipe.stage import run_stage
 from nanopipe.stages import download as download_stage

@@ -3,7 +3,6 @@ executes no stage, every one is restored ("Stage ... is cached - skipping run, c
 import json
 
 import pytest
-
 from helpers import REPO, make_repo_copy, run
 
 

@@ -549,9 +549,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "plots":
         data = dvc_json(["exp", "show", "--json"], cwd)
         argvs, notes = plots_commands(data, args.names, args.out)
-        for argv in argvs:
-            print("+ " + " ".join(argv), flush=True)
-            subprocess.run(argv, cwd=cwd, check=True)
+        for cmd in argvs:
+            print("+ " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=cwd, check=True)
         for n in notes:
             print(n)
         return
