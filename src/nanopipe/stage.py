@@ -143,6 +143,7 @@ class Stage:
         self.flush_plots()
         name = name or self.name
         metrics = {**metrics, "wall_time_s": round(time.time() - self._t0, 3), "world_size": self.world_size}
+        # the DVC stage's own file only: a run under another name (an outside model) read other inputs
         if name == self.name and self.name in paths.LINEAGE:
             metrics["lineage"] = lineage(self.name)
         section = f"## {name}\n\n{report.strip()}\n" if report else f"## {name}\n"
