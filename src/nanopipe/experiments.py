@@ -495,8 +495,12 @@ def plots_commands(exp_show: list, names: list[str] | None, out_dir: Path) -> tu
         left_out = [f"{n} ({origins[n]})" for n in names if origins[n] != OWN]
         if left_out:
             notes.append(f"{stage} curves: left out {', '.join(left_out)}")
-        if own:
-            argvs.append(["dvc", "plots", "diff", *own, "--targets", *ids, "-o", str(out_dir / stage)])
+        if own == ["workspace"]:
+            argvs.append(["dvc", "plots", "show", *ids, "-o", str(out_dir / stage)])
+        elif own:
+            # `dvc plots diff REV` alone compares REV with the workspace (dvc/repo/plots/diff.py): name it twice
+            revs = own * 2 if len(own) == 1 else own
+            argvs.append(["dvc", "plots", "diff", *revs, "--targets", *ids, "-o", str(out_dir / stage)])
     return argvs, notes
 
 
@@ -549,9 +553,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "plots":
         data = dvc_json(["exp", "show", "--json"], cwd)
         argvs, notes = plots_commands(data, args.names, args.out)
+        args.out.mkdir(parents=True, exist_ok=True)  # dvc plots -o creates the page's directory, not its parents
         for cmd in argvs:
             print("+ " + " ".join(cmd), flush=True)
-            subprocess.run(cmd, cwd=cwd, check=True)
+            if subprocess.run(cmd, cwd=cwd).returncode != 0:
+                raise SystemExit(f"`{' '.join(cmd)}` failed (its error is above)")
         for n in notes:
             print(n)
         return
