@@ -98,6 +98,23 @@ def test_export_metrics_inputs_compare_with_the_parsed_metrics():
     assert experiments.stage_origins({"pretrain": {**pre, "final_val_bpb": 1.2}, "export": export})["export"] == "inherited"
 
 
+def test_show_table_stays_at_15_columns():
+    """A grid over a different preset changes many params at once: 6 columns, a note names the rest."""
+    def rev(name, k):
+        params = {"model": {f"p{i}": k for i in range(8)}, "same": 1}
+        return {"rev": name * 5, "name": name, "data": {"params": {"params.yaml": {"data": params}},
+                                                         "metrics": {"metrics/pretrain.json": {"data": {"final_val_bpb": 1.0 + k}}}}}
+    exp_show = [{**rev("a", 0), "experiments": [{"name": "b", "executor": {"state": "success"}, "revs": [rev("b", 1)]},
+                                                {"name": "c", "executor": {"state": "failed"}, "revs": [rev("c", 2)]}]}]
+    header, table, notes = experiments.show_table(exp_show)
+    assert len(header) == 15 and header[1:7] == [f"model.p{i}" for i in range(6)]
+    assert [r[0] for r in table] == ["a", "b"]  # the failed experiment is not a result
+    assert table[1][header.index("pretrain val_bpb")] == "2?"  # no lineage recorded: never shown as own
+    assert notes[0].startswith("2 more params differ between the rows, not shown: model.p6, model.p7")
+    header, _, _ = experiments.show_table(exp_show, ["same"])
+    assert header[:2] == ["experiment", "same"]
+
+
 # ----------------------------------------------------------------------------- real DVC experiments
 
 def _ran(out: str) -> list[str]:
