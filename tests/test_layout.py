@@ -210,6 +210,10 @@ def deps_problem(name: str, st: dict) -> str | None:
 
 
 STAGES = dvc_stages()
+# serve declares no deps, params or outs (a server has nothing to cache): its command brings the model
+# up to date with `dvc repro rl` first (docs/pipeline.md, "The serve stage"); test_serve_stage checks it.
+SERVE_CMD = "dvc repro rl && python stages/launch.py serve"
+RULED = sorted(set(STAGES) - {"serve"})
 
 
 def test_every_stage_module_is_a_dvc_stage():
@@ -220,13 +224,13 @@ def test_every_stage_module_is_a_dvc_stage():
         assert (PKG / "stages" / f"{name}.py").is_file(), f"stage {name}: no src/nanopipe/stages/{name}.py"
 
 
-@pytest.mark.parametrize("name", sorted(STAGES))
+@pytest.mark.parametrize("name", RULED)
 def test_code_deps_are_the_import_closure(name):
     problem = deps_problem(name, STAGES[name])
     assert problem is None, problem
 
 
-@pytest.mark.parametrize("name", sorted(STAGES))
+@pytest.mark.parametrize("name", RULED)
 def test_params_are_the_module_params(name):
     module = importlib.import_module(f"nanopipe.stages.{name}")
     declared = list(STAGES[name].get("params", []))
@@ -234,10 +238,20 @@ def test_params_are_the_module_params(name):
         f"stage {name}: dvc.yaml params {declared} != nanopipe.stages.{name}.PARAMS {list(module.PARAMS)}")
 
 
-@pytest.mark.parametrize("name", sorted(STAGES))
+@pytest.mark.parametrize("name", RULED)
 def test_cmd_is_the_launcher(name):
     expected = f"python stages/launch.py {name}" + (" --torchrun" if name in TORCHRUN else "")
     assert STAGES[name]["cmd"] == expected
+
+
+def test_serve_stage():
+    """serve: no deps, params or outs, its command the launcher after `dvc repro rl`, and a committed
+    dvc.lock that running it rewrites unchanged (so serving leaves the git tree clean)."""
+    serve = STAGES["serve"]
+    assert serve["cmd"] == SERVE_CMD
+    assert set(serve) == {"wdir", "cmd", "always_changed"}, f"serve declares {sorted(serve)}"
+    lock = yaml.safe_load((REPO / "stages/serve/dvc.lock").read_text())
+    assert lock == {"schema": "2.0", "stages": {"serve": {"cmd": SERVE_CMD}}}
 
 
 def test_closure_sees_every_import():
