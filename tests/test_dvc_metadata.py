@@ -19,7 +19,7 @@ def test_artifacts_are_the_models_in_dvcs_registry_format():
             assert art.type == "model" and art.desc and art.labels, name
             assert repo.artifacts.get_path(name) == art.path  # what `dvc artifacts get` resolves
         outs = {str(o.def_path) for s in repo.index.stages for o in s.outs}
-    want = {"base": paths.CHECKPOINTS["base"], "sft": paths.CHECKPOINTS["sft"], "rl": paths.CHECKPOINTS["rl"], "hf": paths.HF_EXPORT}
+    want = {**{n: paths.CHECKPOINTS[n] for n in ("base", "sft", "rl")}, "hf": paths.HF_EXPORT}
     assert {n: a.path for n, a in artifacts.items()} == {n: str(p) for n, p in want.items()}
     assert {str(p) for p in want.values()} <= outs  # each is a stage's output, so DVC can fetch it by name
 

@@ -102,8 +102,8 @@ def test_show_table_stays_at_15_columns():
     """A grid over a different preset changes many params at once: 6 columns, a note names the rest."""
     def rev(name, k):
         params = {"model": {f"p{i}": k for i in range(8)}, "same": 1}
-        return {"rev": name * 5, "name": name, "data": {"params": {"params.yaml": {"data": params}},
-                                                         "metrics": {"metrics/pretrain.json": {"data": {"final_val_bpb": 1.0 + k}}}}}
+        metrics = {"metrics/pretrain.json": {"data": {"final_val_bpb": 1.0 + k}}}
+        return {"rev": name * 5, "name": name, "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}}
     exp_show = [{**rev("a", 0), "experiments": [{"name": "b", "executor": {"state": "success"}, "revs": [rev("b", 1)]},
                                                 {"name": "c", "executor": {"state": "failed"}, "revs": [rev("c", 2)]}]}]
     header, table, notes = experiments.show_table(exp_show)
