@@ -46,6 +46,11 @@ def test_fingerprints(tmp_path):
     assert fp == "sha256:" + artifacts.sha256_file(ckpt / "meta.json")
     (ckpt / "meta.json").write_text('{"files": {"model.pt": {"sha256": "abd"}}}')
     assert artifacts.fingerprint(ckpt) != fp
+    # a meta.json that does not record every file's hash cannot stand for the directory: every file is hashed
+    (ckpt / "meta.json").write_text('{"files": {"model.pt": {"bytes": 7}}}')
+    before = artifacts.fingerprint(ckpt)
+    (ckpt / "model.pt").write_bytes(b"weightz")
+    assert artifacts.fingerprint(ckpt) != before
     plain = tmp_path / "plain"
     (plain / "sub").mkdir(parents=True)
     (plain / "sub/a.txt").write_text("a")

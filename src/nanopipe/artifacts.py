@@ -228,9 +228,8 @@ def fingerprint(path: str | os.PathLike) -> str | None:
     - any other file or directory: sha256 over the sorted (relative path, sha256) of every file."""
     p = Path(path)
     if p.is_dir():
-        for index in ("meta.json", "manifest.json"):
-            if (p / index).is_file():
-                return "sha256:" + sha256_file(p / index)
+        if _lists_hashes(p / "meta.json", "files") or _lists_hashes(p / "manifest.json", "shards"):
+            return "sha256:" + sha256_file(p / ("meta.json" if (p / "meta.json").is_file() else "manifest.json"))
         h = hashlib.sha256()
         for f in sorted(q for q in p.rglob("*") if q.is_file()):
             h.update(f"{f.relative_to(p).as_posix()}\0{sha256_file(f)}\n".encode())
@@ -238,6 +237,19 @@ def fingerprint(path: str | os.PathLike) -> str | None:
     if p.is_file():
         return json_fingerprint(read_json(p)) if p.suffix == ".json" else "sha256:" + sha256_file(p)
     return None
+
+
+def _lists_hashes(index: Path, key: str) -> bool:
+    """Does `index` (a checkpoint's meta.json, the shards' manifest.json) record a sha256 for every file under
+    `key`? Only then does its own hash stand for the whole directory."""
+    if not index.is_file():
+        return False
+    try:
+        entries = json.loads(index.read_text()).get(key)
+    except (ValueError, AttributeError):
+        return False
+    entries = entries.values() if isinstance(entries, dict) else entries
+    return bool(entries) and all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in entries)
 
 
 def json_fingerprint(obj: Any) -> str:
