@@ -1,4 +1,4 @@
-"""Lineage (docs/decisions.md, D15): every metrics file records the fingerprints of the artifacts its stage read
+"""Lineage (docs/decisions.md, D17): every metrics file records the fingerprints of the artifacts its stage read
 and wrote, and `nanopipe.experiments show` flags a stage whose metrics were computed from artifacts that are not
 this experiment's own. The slow test drives real `dvc exp run` in a repo copy."""
 import json

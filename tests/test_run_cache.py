@@ -1,4 +1,4 @@
-"""DVC's run-cache applies to nanopipe's stages (docs/decisions.md, D14): a queued grid run a second time
+"""DVC's run-cache applies to nanopipe's stages (docs/decisions.md, D16): a queued grid run a second time
 executes no stage, every one is restored ("Stage ... is cached - skipping run, checking out outputs")."""
 import json
 

@@ -21,7 +21,7 @@ metrics files in its commit, and `dvc exp show` lists them as if they were its o
 file records the fingerprints of the artifacts it was computed from (`lineage`, written by the
 stage contract); a stage whose inputs are not the artifacts this experiment's own upstream stages
 produced is *inherited*: its numbers are marked `*` and it is named in the `inherited` column
-(docs/decisions.md, D15). `plots` runs `dvc plots diff` once per stage with the curves (dvc.yaml's
+(docs/decisions.md, D17). `plots` runs `dvc plots diff` once per stage with the curves (dvc.yaml's
 top-level `plots:`), over only the experiments whose run of that stage is their own, so that an
 experiment that never ran SFT is not drawn with the baseline's SFT curves.
 
@@ -366,7 +366,7 @@ def stage_origins(metrics: Mapping[str, Any]) -> dict[str, str]:
     its own: `own` when every artifact the stage recorded as its input (lineage.inputs) is the one this
     experiment's producing stage recorded as its output, and that producer is own too; `inherited` when one
     differs (the stage ran on another run's artifact: its metrics file came along from an older commit);
-    `unknown` when a file in the chain records no lineage (written before D15)."""
+    `unknown` when a file in the chain records no lineage (written before D17)."""
     producer = {str(p): s for s, (_, outs) in paths.LINEAGE.items() for p in outs}
     origins: dict[str, str] = {}
 
@@ -472,7 +472,7 @@ def show_table(exp_show: list, params: list[str] | None = None) -> tuple[list[st
         cells.append(",".join(inherited) or "-")
         table.append(cells)
     notes.append("*: inherited, computed from artifacts this experiment did not produce (an older run's metrics file "
-                 "carried along in its commit); ?: no lineage recorded (docs/decisions.md, D15)")
+                 "carried along in its commit); ?: no lineage recorded (docs/decisions.md, D17)")
     return header, table, notes
 
 

@@ -19,7 +19,7 @@ SECTIONS = METRICS / "sections"  # one markdown report section per stage
 # What each stage reads and writes among the artifacts: its data deps and outputs in dvc.yaml (the code deps
 # and its own metrics/section aside; tests/test_lineage.py checks the two agree). The stage contract records
 # their fingerprints in every metrics file (`lineage`), so a metrics file that an experiment inherited from
-# an older run can be told from one computed from the experiment's own artifacts (docs/decisions.md, D15).
+# an older run can be told from one computed from the experiment's own artifacts (docs/decisions.md, D17).
 # A stage's input that is an option (rl.source=base, export.source=sft) is recorded as dvc.yaml declares it.
 _BASE, _SFT, _RL = CHECKPOINTS["base"], CHECKPOINTS["sft"], CHECKPOINTS["rl"]
 LINEAGE: dict[str, tuple[list[Path], list[Path]]] = {

@@ -14,7 +14,7 @@ and `nanopipe <name>` / `python stages/launch.py <name>` call `main(module)`, wh
 4. one MLflow run per execution: `st.log(...)` for curves (also rows of `metrics/<stage>/<plot>.csv`),
    `st.finish(metrics, report_md)` writes `metrics/<stage>.json` and `metrics/sections/<stage>.md`
    atomically on rank 0, the metrics stamped with the fingerprints of the artifacts the stage read and
-   wrote (`lineage`, docs/decisions.md D15);
+   wrote (`lineage`, docs/decisions.md D17);
 5. on every exit path (an exception, Ctrl-C) the MLflow run is closed (FAILED unless `finish` ran;
    KILLED on SIGTERM, which torchrun and SLURM send) and the process group is torn down; no metrics
    file is written for a failed stage, so DVC never caches half a stage. A run whose process died
@@ -159,7 +159,7 @@ class Stage:
 def lineage(stage: str) -> dict[str, dict[str, str | None]]:
     """The fingerprints of the artifacts a stage read and wrote (paths.LINEAGE), recorded in its metrics
     file: `nanopipe.experiments show` flags an experiment's metrics as inherited when the artifacts they
-    were computed from are not the ones that experiment produced (docs/decisions.md, D15)."""
+    were computed from are not the ones that experiment produced (docs/decisions.md, D17)."""
     inputs, outputs = paths.LINEAGE[stage]
     return {"inputs": {str(p): artifacts.fingerprint(p) for p in inputs},
             "outputs": {str(p): artifacts.fingerprint(p) for p in outputs}}

@@ -14,7 +14,7 @@ Verified remote shards are kept in a download store, data/.downloads/ (outside t
 output, with `sources.json`: shard name -> the URL and sha256 it was verified as), and
 hard-linked (copied across filesystems) into data/shards. DVC deletes data/shards before
 it reruns the stage (it is not a `persist` output, so DVC's run-cache can restore it:
-docs/decisions.md, D14), but not the store: a rerun after an interruption, or for a
+docs/decisions.md, D16), but not the store: a rerun after an interruption, or for a
 config that wants more shards, fetches only what the store does not hold verified.
 Temp files live in data/.partial/, outside both, and are wiped on every start: a killed
 run leaves nothing inside data/shards for dvc.lock to track.

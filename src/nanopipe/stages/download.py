@@ -4,7 +4,7 @@ Train shards are indices 0..num_train_shards-1 (skipping the val index); the val
 `data.val_shard`, fixed by config. The embedded source builds its shards from text that ships with
 Python; remote ones are fetched by `nanopipe.data.download` (parallel, verified, retried).
 Remote shards are kept verified in data/.downloads (outside the output, which DVC deletes before a rerun
-and can restore from its run-cache: docs/decisions.md, D14), so a rerun after an interruption fetches only
+and can restore from its run-cache: docs/decisions.md, D16), so a rerun after an interruption fetches only
 what is missing; temp files live in data/.partial (outside the output, wiped on every start), so a killed
 run leaves no junk for dvc.lock to track.
 """
