@@ -187,6 +187,8 @@ RANGES = {
     "serve.cors_origins": ([[], ["*"], ["http://localhost:5173", "https://a.b"]], [["localhost:5173"], ["*", "a.b"]]),
     "serve.model_aliases": ([[], ["gpt-4o"], ["a", "b"]], [[""], ["ok", "  "]]),
     "serve.shutdown_timeout": positive(),
+    "serve.max_queue": at_least(1),
+    "serve.request_timeout": positive(),
     # export
     "export.source": one_of("base", "sft", "rl"),
     "export.step": ([-1, 0, 3], [-2]),

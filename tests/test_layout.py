@@ -143,8 +143,9 @@ def dynamic_imports(path: Path) -> list[int]:
 
 
 def data_files() -> list[Path]:
-    """The package data: every file under src/nanopipe that is not Python (tool caches aside)."""
-    return sorted(p for p in PKG.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+    """The package data: every file under src/nanopipe that is not Python (tool caches aside, and py.typed,
+    the PEP 561 marker that type checkers read and no code does)."""
+    return sorted(p for p in PKG.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc") and p != PKG / "py.typed"
                   and not any(part == "__pycache__" or part.startswith(".") for part in p.relative_to(PKG).parts))
 
 

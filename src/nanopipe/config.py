@@ -277,6 +277,8 @@ class ServeConfig:
                                    lambda v: all(o == "*" or "://" in o for o in v))
     model_aliases: list[str] = need("a list of non-empty model names", lambda v: all(a.strip() for a in v))
     shutdown_timeout: float = positive()
+    max_queue: int = at_least(1)
+    request_timeout: float = positive()
 
 
 @dataclass

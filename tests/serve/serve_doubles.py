@@ -78,6 +78,15 @@ class ByteTokenizer:
     def decode(self, ids):
         return bytes(t for t in ids if t < 256).decode("utf-8", errors="replace")
 
+    def get_special_tokens(self):
+        return set(self.special)
+
+    def id_to_bytes(self, id):
+        """A token's raw bytes (a special token: its name, as tiktoken gives it)."""
+        if id < 256:
+            return bytes([id])
+        return next(name for name, i in self.special.items() if i == id).encode()
+
 
 class ChatByteTokenizer(ByteTokenizer):
     """ByteTokenizer with the chat specials (user/assistant turns) the server and CLI need."""

@@ -126,7 +126,7 @@ def test_openai_http_shapes(scripted):
     assert r.status_code == 200, r.text
     j = r.json()
     assert j["object"] == "chat.completion" and j["id"].startswith("chatcmpl-")
-    assert j["choices"][0]["message"] == {"role": "assistant", "content": REPLY}
+    assert j["choices"][0]["message"] == {"role": "assistant", "content": REPLY, "refusal": None}
     assert j["choices"][0]["finish_reason"] == "stop"
     prompt = render_prompt(ChatByteTokenizer(), [("user", "Be brief.\n\nHello")])
     assert j["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(REPLY.encode()),
@@ -214,9 +214,9 @@ def test_chat_validation(scripted, body, status, needle):
     ({"messages": [{"role": "user", "content": "x"}], "top_k": -1}, "top_k"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5000}, "max_completion_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
-    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0.5}, "top_p"),
-    ({"messages": [{"role": "user", "content": "x"}], "stop": ["\n"]}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop[0]"),
     ({"messages": [{"role": "user", "content": "x" * 4000}]}, "messages"),
     ({}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
@@ -230,8 +230,8 @@ def test_chat_validation(scripted, body, status, needle):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2.0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "logit_bias": "junk"}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}, "logit_bias"),
-    ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}, "presence_penalty"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}, "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, "logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": {"include_usage": "no"}},
      "stream_options.include_usage"),
@@ -277,7 +277,7 @@ def test_openai_body_rejections_have_openai_shape(scripted, body, ctype, status,
 
 
 def test_openai_shape_for_unknown_routes_and_chunked_bodies(scripted):
-    r = httpx.post(f"{scripted}/v1/completions", json={})
+    r = httpx.post(f"{scripted}/v1/embeddings", json={})
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.get(f"{scripted}/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()
@@ -475,7 +475,7 @@ def test_config_from_omegaconf_and_worker_count():
     from nanopipe.serving.app import worker_models
     cfg = OmegaConf.create({"host": "127.0.0.1", "port": 8000, "workers": 0, "max_batch": 3, "temperature": 0.0,
                             "top_k": 50, "max_tokens": 4, "api_key": "", "source": "auto", "cors_origins": [],
-                            "model_aliases": [], "shutdown_timeout": 5})
+                            "model_aliases": [], "shutdown_timeout": 5, "max_queue": 8, "request_timeout": 60})
     with TestClient(create_app(scripted_reply_model(REPLY), ChatByteTokenizer(), cfg)) as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
         assert r.json()["choices"][0]["message"]["content"] == "Hi \ufffd"  # 4 tokens: "Hi " + half an é

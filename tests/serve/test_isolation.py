@@ -70,26 +70,33 @@ def _finish_streams(streams):
 def test_a_failure_admitting_or_decoding_one_request_ends_it_alone(tiny_scheduler, monkeypatch):
     s = tiny_scheduler
     solo = [s.generate(PROMPT + [i], max_tokens=60, temperature=0.0)[0] for i in range(4)]
-    real_sample = sched.sample_next_token
-    calls = {}
+    real_step = sched.step_row
+    poisoned, calls = {}, {}
 
-    def sample(logits, rng, temperature=1.0, top_k=None):
-        # temperature 0.5: fails at once (admission); 0.25: fails at its 4th token (mid-decode)
-        n = calls[id(rng)] = calls.get(id(rng), 0) + 1
-        if temperature == 0.5 or (temperature == 0.25 and n == 4):
+    def step(state, token, tokenizer, special):
+        # a row's own tool step: "first" fails on its first token (right after its prefill),
+        # "fourth" on its 4th (mid-decode, among the 4 healthy rows)
+        n = calls[id(state)] = calls.get(id(state), 0) + 1
+        if poisoned.get(id(state)) == "first" or (poisoned.get(id(state)) == "fourth" and n == 4):
             raise RuntimeError("poisoned row")
-        return real_sample(logits, rng, temperature, top_k)
-    monkeypatch.setattr(sched, "sample_next_token", sample)
+        return real_step(state, token, tokenizer, special)
+    monkeypatch.setattr(sched, "step_row", step)
     streams = _start_streams(s, 4)
     bad = []
-    for temperature in (0.5, 0.25):
+    for when in ("first", "fourth"):
         q = queue.Queue()
-        s.submit(PROMPT, q.put, max_tokens=60, temperature=temperature)
+        req = Request(PROMPT, 60, 0.0, None, 1, q.put)
+        poisoned[id(req.state)] = when
+        s.workers[0].submit(req)
         bad.append(q)
     # a seed torch cannot take (2**64), past Scheduler.submit's own check: the old worker seeded
     # outside its error handling, so this failed every row in flight and was never answered
     q = queue.Queue()
     s.workers[0].submit(Request(PROMPT, 60, 0.0, None, 2**64, q.put))
+    bad.append(q)
+    # a token the model has no embedding for: its prefill forward fails, the batch's does not
+    q = queue.Queue()
+    s.workers[0].submit(Request(PROMPT + [10**6], 60, 0.0, None, 1, q.put))
     bad.append(q)
     for q in bad:
         tokens, last = _collect(q)
@@ -97,7 +104,7 @@ def test_a_failure_admitting_or_decoding_one_request_ends_it_alone(tiny_schedule
     for (tokens, last), expected in zip(_finish_streams(streams), solo):
         assert last == ("done", "length") and tokens == expected
     st = s.stats()
-    assert st["requests_failed"] == 3 and st["alive_workers"] == 1
+    assert st["requests_failed"] == 4 and st["alive_workers"] == 1
     assert s.generate(PROMPT, max_tokens=5, temperature=0.0)[2] == "length"  # and the worker lives on
 
 
@@ -204,14 +211,15 @@ def _poisoned():
         (v1, j(seed=18446744073709551616)),
         (v1, j(seed=2**63)), (v1, j(seed=-2**63 - 1)), (v1, j(seed=-10**30, stream=True)),
         (v1, j(seed=1.5)), (v1, j(seed=1e300)), (v1, j(seed="7")), (v1, j(seed=True)),
-        (v1, j(n=10**40)), (v1, j(n=-1)), (v1, j(n=2, stream=True)),
+        (v1, j(n=10**40)), (v1, j(n=-1)), (v1, j(n=17, stream=True)),
         (v1, j(max_tokens=10**30)), (v1, j(max_tokens=-5)), (v1, j(max_completion_tokens=0)),
         (v1, j(max_tokens=2.5)), (v1, j(top_k=10**20)), (v1, j(top_k=-1)),
         (v1, j(temperature=1e308 * 10)), (v1, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'),
-        (v1, j(top_p=float("-inf"))), (v1, j(presence_penalty=5)), (v1, j(logprobs=True)),
+        (v1, j(top_p=float("-inf"))), (v1, j(presence_penalty=5)), (v1, j(logprobs=True, top_logprobs=21)),
         (v1, j(logit_bias="junk")), (v1, j(logit_bias={"1": "x"})), (v1, j(logit_bias={"1": 5})),
         (v1, j(logit_bias=[1, 2])),
-        (v1, j(stop=["x"] * 100000)), (v1, j(stop=[1, 2])), (v1, j(stop="\n", stream=True)),
+        (v1, j(stop=["x"] * 100000)), (v1, j(stop=[1, 2])), (v1, j(stop="", stream=True)),
+        (v1, j(tools=[{"type": "function"}], stream=True)),
         (v1, j(stream="yes")), (v1, j(stream=True, stream_options={"include_usage": "no"})),
         (v1, json.dumps({"messages": [1, 2]}).encode()),
         (v1, json.dumps({"messages": "hi"}).encode()),

@@ -3,9 +3,10 @@ its boundary, the exact message and `param` of every refusal (the text the clien
 error body), the order of the checks, and the folding of system text into the first user message."""
 import pytest
 
-from nanopipe.serving.schemas import (ChatRequest, InvalidRequest, OpenAIChatRequest, openai_conversation,
-                                      render_prompt, validate_chat, validate_conversation, validate_openai,
-                                      validate_sampling, _encodable, _message_text)
+from nanopipe.serving.schemas import (ChatRequest, InvalidRequest, OpenAIChatRequest, OpenAICompletionRequest,
+                                      Sampling, openai_conversation, render_prompt, validate_chat,
+                                      validate_completion, validate_conversation, validate_openai, validate_sampling,
+                                      _encodable, _message_text)
 
 
 def _err(fn, *args, **kw):
@@ -24,6 +25,7 @@ def _openai(**kw):
 def test_invalid_request_defaults_and_fields():
     e = InvalidRequest("m")
     assert (e.message, e.param, e.status, e.code, str(e)) == ("m", None, 400, None, "m")
+    assert (e.type_, e.headers) == ("invalid_request_error", None)
     e = InvalidRequest("m", "p", 404, "model_not_found")
     assert (e.message, e.param, e.status, e.code) == ("m", "p", 404, "model_not_found")
 
@@ -187,16 +189,38 @@ def test_openai_conversation_validation():
 # validate_openai
 
 def test_validate_openai_defaults():
-    assert validate_openai(_openai()) == ([("user", "hi")], None)
-    assert validate_openai(_openai(n=1, top_p=1, stop=[], logit_bias={}, presence_penalty=0, frequency_penalty=0.0,
-                                   logprobs=False, top_logprobs=0, seed=5)) == ([("user", "hi")], None)
+    conversation, sampling = validate_openai(_openai())
+    assert conversation == [("user", "hi")] and sampling == Sampling()
+    assert (sampling.top_p, sampling.n, sampling.stop, sampling.logprobs) == (1.0, 1, [], None)
+    neutral = _openai(n=1, top_p=1, stop=[], logit_bias={}, presence_penalty=0, frequency_penalty=0.0,
+                      logprobs=False, top_logprobs=0, seed=5, tools=[], response_format={"type": "text"}, user="u")
+    assert validate_openai(neutral) == ([("user", "hi")], Sampling(seed=5))
+
+
+def test_validate_openai_sampling_fields():
+    _, s = validate_openai(_openai(n=3, top_p=0.5, stop="x", presence_penalty=-2, frequency_penalty=2, seed=-1,
+                                   temperature=0.3, top_k=7, logprobs=True, top_logprobs=20))
+    assert s == Sampling(max_tokens=None, temperature=0.3, top_k=7, top_p=0.5, n=3, stop=["x"], seed=-1,
+                         presence_penalty=-2.0, frequency_penalty=2.0, logprobs=20)
+    assert validate_openai(_openai(logprobs=True))[1].logprobs == 0
+    assert validate_openai(_openai(stop=["a", "b"]))[1].stop == ["a", "b"]
+    assert validate_openai(_openai(n=16))[1].n == 16 and validate_openai(_openai(top_p=1e-9))[1].top_p == 1e-9
+
+
+def test_seed_for_choice_i_wraps_in_range():
+    assert [Sampling(seed=7).seed_for(i) for i in range(3)] == [7, 8, 9]
+    assert Sampling(seed=2**63 - 1).seed_for(1) == -2**63 and Sampling(seed=-1).seed_for(1) == 0
+    assert Sampling().seed_for(4) is None
 
 
 def test_validate_openai_max_tokens():
-    assert validate_openai(_openai(max_tokens=9))[1] == 9
-    assert validate_openai(_openai(max_tokens=9, max_completion_tokens=11))[1] == 11
-    assert validate_openai(_openai(max_completion_tokens=4096))[1] == 4096
-    e = _err(validate_openai, _openai(max_tokens=9, max_completion_tokens=0))
+    assert validate_openai(_openai(max_tokens=9))[1].max_tokens == 9
+    assert validate_openai(_openai(max_tokens=11, max_completion_tokens=11))[1].max_tokens == 11
+    assert validate_openai(_openai(max_completion_tokens=4096))[1].max_tokens == 4096
+    e = _err(validate_openai, _openai(max_tokens=9, max_completion_tokens=11))
+    assert (e.message, e.param) == ("max_tokens and max_completion_tokens differ; give one of them (max_tokens is "
+                                    "the deprecated name of max_completion_tokens)", "max_tokens")
+    e = _err(validate_openai, _openai(max_completion_tokens=0))
     assert (e.message, e.param) == ("max_completion_tokens must be between 1 and 4096", "max_completion_tokens")
     e = _err(validate_openai, _openai(max_tokens=0))
     assert (e.message, e.param) == ("max_tokens must be between 1 and 4096", "max_tokens")
@@ -214,17 +238,36 @@ def test_validate_openai_seed():
 
 
 @pytest.mark.parametrize("kw, message, param", [
-    ({"n": 2}, "n must be 1 (one choice per request)", "n"),
-    ({"n": 0}, "n must be 1 (one choice per request)", "n"),
-    ({"top_p": 0.9}, "top_p is not supported (use top_k); leave it unset or 1", "top_p"),
-    ({"top_p": 0}, "top_p is not supported (use top_k); leave it unset or 1", "top_p"),
-    ({"stop": "x"}, "stop sequences are not supported; the model stops at <|assistant_end|>", "stop"),
-    ({"stop": ["x"]}, "stop sequences are not supported; the model stops at <|assistant_end|>", "stop"),
+    ({"n": 17}, "n must be between 1 and 16", "n"),
+    ({"n": 0}, "n must be between 1 and 16", "n"),
+    ({"top_p": 1.01}, "top_p must be greater than 0 and at most 1", "top_p"),
+    ({"top_p": 0}, "top_p must be greater than 0 and at most 1", "top_p"),
+    ({"stop": ""}, "stop sequences must not be empty", "stop"),
+    ({"stop": ["x", ""]}, "stop sequences must not be empty", "stop[1]"),
+    ({"stop": "x" * 257}, "a stop sequence may be at most 256 characters", "stop"),
+    ({"stop": ["\ud800"]}, "stop sequence is not valid Unicode (it holds a lone UTF-16 surrogate)", "stop[0]"),
     ({"logit_bias": {"1": 2}}, "logit_bias is not supported; leave it unset or empty", "logit_bias"),
-    ({"presence_penalty": 0.5}, "presence_penalty is not supported; leave it unset or 0", "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty is not supported; leave it unset or 0", "frequency_penalty"),
-    ({"logprobs": True}, "logprobs are not supported; leave logprobs unset or false", "logprobs"),
-    ({"top_logprobs": 2}, "logprobs are not supported; leave top_logprobs unset or 0", "top_logprobs"),
+    ({"presence_penalty": 2.01}, "presence_penalty must be between -2.0 and 2.0", "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty must be between -2.0 and 2.0", "frequency_penalty"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs must be between 0 and 20", "top_logprobs"),
+    ({"top_logprobs": -1}, "top_logprobs must be between 0 and 20", "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs needs logprobs set to true", "top_logprobs"),
+    ({"response_format": {"type": "json_object"}},
+     'response_format: only {"type": "text"} is supported (no JSON mode or schemas)', "response_format"),
+    ({"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true",
+     "stream_options"),
+    ({"stream": True, "stream_options": {"x": 1}}, "Unrecognized request argument supplied: stream_options.x",
+     "stream_options.x"),
+    ({"tools": [{"type": "function"}]}, "tools: tools and function calling are not supported (the model's only tool "
+     "is its built-in calculator); leave it unset", "tools"),
+    ({"store": True}, "store: stored completions are not supported; leave it unset", "store"),
+    ({"modalities": ["audio"]}, 'modalities: only ["text"] is supported', "modalities"),
+    ({"service_tier": "flex"}, 'service_tier: only "auto" or "default" is supported', "service_tier"),
+    ({"whatever": 1}, "Unrecognized request argument supplied: whatever", "whatever"),
+    ({"messages": [{"role": "user", "content": "x", "tool_call_id": "1"}]},
+     "messages[0].tool_call_id: tool calls are not supported", "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "name": "bob"}]},
+     "messages[0].name: the message field `name` is not supported", "messages[0].name"),
 ])
 def test_validate_openai_refusals(kw, message, param):
     e = _err(validate_openai, _openai(**kw))
@@ -232,16 +275,69 @@ def test_validate_openai_refusals(kw, message, param):
 
 
 def test_validate_openai_order():
-    every = dict(seed=2**63, n=2, top_p=0.5, stop="x", logit_bias={"1": 1}, presence_penalty=1,
-                 frequency_penalty=1, logprobs=True, top_logprobs=1)
-    order = ["seed", "n", "top_p", "stop", "logit_bias", "presence_penalty", "frequency_penalty", "logprobs",
-             "top_logprobs"]
-    assert _err(validate_openai, _openai(max_tokens=0, **every)).param == "max_tokens"
-    assert _err(validate_openai, _openai(messages=[], max_tokens=0, **every)).param == "messages"
+    every = dict(whatever=1, max_tokens=1, max_completion_tokens=2, temperature=9, top_p=2, n=0, seed=2**63,
+                 presence_penalty=3, frequency_penalty=3, logit_bias={"1": 1}, stream_options={}, top_logprobs=99,
+                 response_format={"type": "json_object"})
+    order = ["whatever", "max_tokens", "temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty",
+             "logit_bias", "stream_options", "top_logprobs", "response_format"]
+    assert _err(validate_openai, _openai(messages=[{"role": "user", "content": "x", "tool_calls": []}],
+                                         **{k: v for k, v in every.items() if k != "whatever"})).param == \
+        "messages[0].tool_calls"
+    assert _err(validate_openai, _openai(messages=[], **{k: v for k, v in every.items() if k != "whatever"})).param == \
+        "messages"
     for name in order:
         assert _err(validate_openai, _openai(**every)).param == name
         del every[name]
+        if name == "max_tokens":
+            del every["max_completion_tokens"]
     validate_openai(_openai(**every))
+
+
+# validate_completion
+
+def _completion(**kw):
+    return OpenAICompletionRequest(**kw)
+
+
+def _validate_completion(body, vocab=300, context=64):
+    return validate_completion(body, lambda text: [1] + [ord(c) for c in text], vocab, context)
+
+
+def test_validate_completion_prompt_shapes():
+    assert _validate_completion(_completion(prompt="ab"))[0] == [[1, 97, 98]]
+    assert _validate_completion(_completion(prompt=[5, 6]))[0] == [[5, 6]]
+    assert _validate_completion(_completion(prompt=["a", "b"]))[0] == [[1, 97], [1, 98]]
+    assert _validate_completion(_completion(prompt=[[5], [6, 7]]))[0] == [[5], [6, 7]]
+    assert _validate_completion(_completion(prompt=[299]))[0] == [[299]]
+    assert _validate_completion(_completion(prompt=[0] * 63))[0] == [[0] * 63]
+    prompts, sampling, echo = _validate_completion(_completion(prompt="a", echo=True, logprobs=5, max_tokens=0))
+    assert (sampling.logprobs, sampling.max_tokens, echo) == (5, 0, True)
+
+
+@pytest.mark.parametrize("kw, message, param", [
+    ({"prompt": ""}, "prompt must not be empty", "prompt"),
+    ({"prompt": []}, "prompt must not be empty", "prompt"),
+    ({"prompt": ["a", ""]}, "prompt must not be empty", "prompt[1]"),
+    ({"prompt": [300]}, "token id 300 is outside the vocabulary [0, 300)", "prompt"),
+    ({"prompt": [[1], [-1]]}, "token id -1 is outside the vocabulary [0, 300)", "prompt[1]"),
+    ({"prompt": [0] * 64}, "the prompt is 64 tokens; the model's context is 64 tokens", "prompt"),
+    ({"prompt": "x" * 32001}, "prompt is too long: at most 32000 characters", "prompt"),
+    ({"prompt": "\ud800"}, "prompt is not valid Unicode (it holds a lone UTF-16 surrogate)", "prompt"),
+    ({"prompt": [[1]] * 129}, "129 prompts x n=1 choices: at most 128 choices per request", "prompt"),
+    ({"prompt": [[1]] * 9, "n": 15}, "9 prompts x n=15 choices: at most 128 choices per request", "n"),
+    ({"prompt": "a", "best_of": 2}, "best_of is not supported; leave it unset or equal to n", "best_of"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs must be between 0 and 5", "logprobs"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens must be between 1 and 4096", "max_tokens"),
+    ({"prompt": "a", "max_tokens": 0, "echo": True}, "max_tokens must be between 1 and 4096", "max_tokens"),
+    ({"prompt": "a", "max_tokens": -1, "echo": True, "logprobs": 0}, "max_tokens must be between 0 and 4096",
+     "max_tokens"),
+    ({"prompt": "a", "suffix": "b"}, "suffix: suffix (insertion) is not supported; leave it unset", "suffix"),
+    ({"prompt": "a", "n": 17}, "n must be between 1 and 16", "n"),
+    ({"prompt": "a", "foo": 1}, "Unrecognized request argument supplied: foo", "foo"),
+])
+def test_validate_completion_refusals(kw, message, param):
+    e = _err(_validate_completion, _completion(**kw))
+    assert (e.message, e.param, e.status) == (message, param, 400)
 
 
 # render_prompt

@@ -1,5 +1,5 @@
 """Each sampling path end to end against probabilities computed by hand: Engine.generate (training's
-rollouts, chat_eval, the CLI), the server's Scheduler (its own per-request generators) and the naive
+rollouts, chat_eval, the CLI), the server's Scheduler (its counter-based per-request draws, serving/sampling.py) and the naive
 GPT.generate. A model whose logits are fixed makes every draw an independent sample of one known
 distribution: p_i = exp(l_i / T) / sum_j exp(l_j / T) over the k largest logits, 0 elsewhere.
 
@@ -91,7 +91,7 @@ def scheduler():
 
 @pytest.mark.parametrize("temperature, top_k", [(0.5, None), (2.0, 3), (0.7, 1), (0.7, 1000)])
 def test_scheduler_requests_draw_softmax_of_logits_over_temperature(scheduler, temperature, top_k):
-    """The server's path: each request has its own generator (seeded from the request) and its
+    """The server's path: each request draws from its own seed (a counter-based generator) with its
     sampling parameters; 8 requests x 250 tokens decoded side by side."""
     import threading
     results = [None] * 8

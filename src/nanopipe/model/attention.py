@@ -16,7 +16,7 @@ path and nothing is said.
 Public API (what the model and the Engine call):
     flash_attn.flash_attn_func(q, k, v, causal=False, window_size=(-1, -1))
     flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None,
-                                       cache_seqlens=None, causal=False, window_size=(-1, -1))
+                                       cache_seqlens=None, causal=False, window_size=(-1, -1), per_row=False)
 `window_size = (left, right)`: query i sees key j when i - left <= j <= i + right; -1 = unlimited.
 The model always passes causal=True and (w, 0). `flash_attn_with_kvcache` writes k/v into the
 cache at `cache_seqlens` in place and does NOT advance it (the model does, after its last layer).
@@ -226,18 +226,22 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
-                            causal=False, window_size=(-1, -1)):
+                            causal=False, window_size=(-1, -1), per_row=False):
     """Attention for inference against a KV cache (B, T_max, Hkv, D) per layer.
 
-    Writes the new k/v at position cache_seqlens[0] in place, attends over the prefix
-    plus the new tokens, and leaves cache_seqlens unchanged. The SDPA fallback assumes
-    every row of the batch sits at the same position (the model's rotary offset does too).
+    Writes the new k/v at each row's position cache_seqlens[b] in place, attends over the
+    prefix plus the new tokens, and leaves cache_seqlens unchanged. The flash kernels take
+    per-row lengths natively. The SDPA fallback assumes every row sits at cache_seqlens[0]
+    (the model's shared rotary offset does too) unless `per_row` (a per-row KVCache, D14):
+    then it writes row by row and masks each row's causal window explicitly.
     """
     mod = _flash_backend(q)
     if mod is not None:
         return _first(mod.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                   causal=causal, window_size=window_size))
     assert causal, "the SDPA fallback implements causal attention only (the model never asks otherwise)"
+    if per_row:
+        return _sdpa_kvcache_rows(q, k_cache, v_cache, k, v, cache_seqlens, window_size)
     T_new = q.size(1)
     pos = int(cache_seqlens[0].item())
     if pos + T_new > k_cache.size(1):
@@ -248,6 +252,29 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     end = pos + T_new
     q_, k_, v_ = q.transpose(1, 2), k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2)
     y = _sdpa_attention(q_, k_, v_, window_size, enable_gqa=q_.size(1) != k_.size(1))
+    return y.transpose(1, 2)
+
+
+def _sdpa_kvcache_rows(q, k_cache, v_cache, k, v, cache_seqlens, window_size):
+    """SDPA against a cache whose rows sit at different positions: row b's new token t is at
+    position cache_seqlens[b] + t, sees keys at positions <= its own and, with a left window w,
+    >= its own - w. Keys run to the longest row's end; shorter rows mask the rest off."""
+    B, T_new = q.size(0), q.size(1)
+    start = cache_seqlens.long()
+    end = int(start.max().item()) + T_new  # the one host sync of the call
+    if end > k_cache.size(1):
+        raise ValueError(f"KV cache overflow: a row reaches position {end} > cache length {k_cache.size(1)}")
+    qpos = start.unsqueeze(1) + torch.arange(T_new, device=q.device)  # (B, T) each new token's position
+    if k is not None and v is not None:
+        rows = torch.arange(B, device=q.device).unsqueeze(1).expand(B, T_new)
+        k_cache[rows, qpos] = k
+        v_cache[rows, qpos] = v
+    behind = qpos.unsqueeze(2) - torch.arange(end, device=q.device)  # (B, T, end): how far back each key is
+    mask = behind >= 0
+    if 0 <= window_size[0] < end:
+        mask = mask & (behind <= window_size[0])
+    q_, k_, v_ = q.transpose(1, 2), k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2)
+    y = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask.unsqueeze(1), enable_gqa=q_.size(1) != k_.size(1))
     return y.transpose(1, 2)
 
 

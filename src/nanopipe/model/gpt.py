@@ -120,7 +120,8 @@ class CausalSelfAttention(nn.Module):
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
-                                                   causal=True, window_size=window_size)
+                                                   causal=True, window_size=window_size,
+                                                   per_row=kv_cache.per_row and B > 1)
             if self.layer_idx == kv_cache.n_layers - 1:
                 kv_cache.advance(T)  # once per forward, after every layer wrote at the same position
         y = y.contiguous().view(B, T, -1)
@@ -342,10 +343,16 @@ class GPT(nn.Module):
         assert T <= self.cos.size(1), f"Sequence length grew beyond the rotary embeddings cache: {T} > {self.cos.size(1)}"
         assert idx.device == self.cos.device, f"Rotary embeddings and idx are on different devices: {idx.device} != {self.cos.device}"
         assert self.cos.dtype == torch.bfloat16, "Rotary embeddings must be in bfloat16"
-        T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        assert T0 + T <= self.cos.size(1), f"KV-cache position {T0}+{T} beyond the rotary cache ({self.cos.size(1)})"
         dtype = self.rotary_dtype(idx.device.type)
-        cos_sin = self.cos[:, T0:T0 + T].to(dtype), self.sin[:, T0:T0 + T].to(dtype)
+        if kv_cache is not None and kv_cache.per_row and B > 1:
+            # rows at their own positions (the serving scheduler, D14): row b's token t is at
+            # cache_seqlens[b] + t; a one-row cache takes the shared path below (same arithmetic)
+            pos = kv_cache.cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
+            cos_sin = self.cos[0, pos].to(dtype), self.sin[0, pos].to(dtype)  # (B, T, 1, D/2)
+        else:
+            T0 = 0 if kv_cache is None else kv_cache.get_pos()
+            assert T0 + T <= self.cos.size(1), f"KV-cache position {T0}+{T} beyond the rotary cache ({self.cos.size(1)})"
+            cos_sin = self.cos[:, T0:T0 + T].to(dtype), self.sin[:, T0:T0 + T].to(dtype)
         x = norm(self.transformer.wte(idx))
         x0 = x  # the normed embedding, mixed back into every layer (x0_lambdas)
         for i, block in enumerate(self.transformer.h):

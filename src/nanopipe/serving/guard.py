@@ -1,7 +1,7 @@
 """What reaches the routers: the request body guard and the error handlers of last resort.
 
-BodyGuard is a pure ASGI middleware in front of the generating routes (every POST under /v1/
-and POST /chat/completions). Before FastAPI parses anything it reads the whole body and
+BodyGuard is a pure ASGI middleware in front of the routes that take a body (every POST under
+/v1/, POST /chat/completions, /tokenize and /detokenize). Before FastAPI parses anything it reads the whole body and
 refuses it unless it is
     JSON by its Content-Type (application/json or */*+json; a missing Content-Type is taken as
     JSON, as FastAPI does)                                               415
@@ -31,9 +31,12 @@ def is_openai_path(path):
     return path.startswith("/v1/")
 
 
+GUARDED_PATHS = ("/chat/completions", "/tokenize", "/detokenize")
+
+
 def _guarded(scope):
     return (scope["type"] == "http" and scope["method"] == "POST"
-            and (is_openai_path(scope["path"]) or scope["path"] == "/chat/completions"))
+            and (is_openai_path(scope["path"]) or scope["path"] in GUARDED_PATHS))
 
 
 def _is_json(content_type):

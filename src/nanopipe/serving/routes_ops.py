@@ -5,10 +5,13 @@
                  (each decode worker restarts its own loop after a failure; see scheduler.py)
     GET /stats   workers, queue depth, active sequences, tokens served (the scheduler's stats;
                  {"detail": ...} 401 without the API key)
+    GET /metrics the same and the server's own counts in Prometheus's text format (metrics.py;
+                 401 without the API key: a scraper sends it as a bearer token)
 """
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from nanopipe.serving.metrics import CONTENT_TYPE
 from nanopipe.serving.state import UNAUTHORIZED, StateDep, detail_error
 
 router = APIRouter()
@@ -32,3 +35,10 @@ async def stats(request: Request, state: StateDep):
     if not state.authorized(request):
         return detail_error(401, UNAUTHORIZED)
     return state.scheduler.stats()
+
+
+@router.get("/metrics")
+async def metrics(request: Request, state: StateDep):
+    if not state.authorized(request):
+        return detail_error(401, UNAUTHORIZED)
+    return Response(state.metrics.render(state.scheduler.stats()), media_type=CONTENT_TYPE)

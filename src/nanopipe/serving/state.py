@@ -11,14 +11,18 @@ Model names: /v1 serves one model, MODEL_NAME, also known by the names in `serve
 a request that names any other model is refused as OpenAI does (404, code model_not_found),
 one that names none gets the served model.
 """
+import re
 import secrets
-from dataclasses import dataclass
-from typing import Annotated, Any
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Optional
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
-from nanopipe.serving.scheduler import Scheduler
+from nanopipe.serving.choices import Submission
+from nanopipe.serving.metrics import Metrics
+from nanopipe.serving.scheduler import QueueFull, Scheduler
 from nanopipe.serving.schemas import InvalidRequest, render_prompt
 from nanopipe.serving.streaming import Generation
 
@@ -32,6 +36,8 @@ class ServerState:
     tokenizer: Any
     cfg: Any  # the validated `serve` config section
     api_key: str  # "" = no auth
+    metrics: Metrics = field(default_factory=Metrics)
+    shutdown_started: Optional[float] = None  # time.monotonic() of SIGTERM / Ctrl-C (app.DrainingServer)
 
     def authorized(self, request: Request) -> bool:
         """True without an API key; else the request must carry `Authorization: Bearer <key>`."""
@@ -65,6 +71,58 @@ class ServerState:
             raise InvalidRequest(f"The conversation is {len(prompt)} tokens; the model's context is "
                                  f"{self.scheduler.context_length} tokens", field)
         return prompt
+
+    @property
+    def request_timeout(self):
+        return float(self.cfg.request_timeout)
+
+    def shutdown_at(self):
+        """When requests in flight are cut for the shutdown (time.monotonic()), or None: half a
+        second before uvicorn's grace period (serve.shutdown_timeout) ends, so that each stream
+        still gets to send its error event and [DONE] (docs/decisions.md, D15)."""
+        if self.shutdown_started is None:
+            return None
+        return self.shutdown_started + max(0.0, float(self.cfg.shutdown_timeout) - 0.5)
+
+    def submit_spec(self, prompt, sampling, i, prompt_logprobs=False):
+        """Scheduler.submit's arguments for choice i of a /v1 request (unset values from the config)."""
+        cfg = self.cfg
+        return dict(prompt=prompt, max_tokens=cfg.max_tokens if sampling.max_tokens is None else sampling.max_tokens,
+                    temperature=cfg.temperature if sampling.temperature is None else sampling.temperature,
+                    top_k=cfg.top_k if sampling.top_k is None else sampling.top_k, top_p=sampling.top_p,
+                    seed=sampling.seed_for(i), presence_penalty=sampling.presence_penalty,
+                    frequency_penalty=sampling.frequency_penalty, logprobs=sampling.logprobs,
+                    prompt_logprobs=prompt_logprobs)
+
+    def submit(self, specs):
+        """Submit every spec at once (all or none); a full queue is a 429 with Retry-After."""
+        try:
+            return Submission(self.scheduler, specs, time.monotonic() + self.request_timeout, self.shutdown_at)
+        except QueueFull as e:
+            raise InvalidRequest(f"The server is busy: {e}. Retry after {e.retry_after} s", status=429,
+                                 code="rate_limit_exceeded", type_="requests",
+                                 headers={"Retry-After": str(int(e.retry_after))}) from None
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.get_vocab_size()
+
+    def encode_text(self, text, add_special_tokens=True):
+        """Text -> token ids as an HF tokenizer (and vLLM) does for raw completions: special-token
+        text (<|bos|>, ...) becomes the special token, and add_special_tokens puts <|bos|> first
+        (docs/decisions.md, D15). The chat routes never do this: a message's text is only ever text."""
+        specials = sorted(self.tokenizer.get_special_tokens(), key=len, reverse=True)
+        ids = [self.tokenizer.get_bos_token_id()] if add_special_tokens else []
+        pattern = "(" + "|".join(re.escape(s) for s in specials) + ")"
+        for i, piece in enumerate(re.split(pattern, text)):
+            if i % 2:
+                ids.append(self.tokenizer.encode_special(piece))
+            elif piece:
+                ids += self.tokenizer.encode(piece)
+        return ids
+
+    def encode_completion_prompt(self, text):
+        return self.encode_text(text, add_special_tokens=True)
 
     def generation(self, kind, prompt, temperature, top_k, max_tokens, seed=None):
         """A Generation of `prompt`; the sampling parameters the request left unset (None) come from the config."""

@@ -34,6 +34,10 @@ class Generation:
     temperature: float
     top_k: int
     seed: Optional[int] = None
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None  # None = off; k = the chosen token's logprob + the k best (scheduler.py)
     worker_id: Optional[int] = None
     tokens: int = 0
     finish: str = "cancelled"
@@ -55,7 +59,8 @@ async def token_events(scheduler, gen: Generation):
     def emit(ev):
         loop.call_soon_threadsafe(events.put_nowait, ev)
     req = scheduler.submit(gen.prompt, emit, max_tokens=gen.max_tokens, temperature=gen.temperature,
-                           top_k=gen.top_k, seed=gen.seed)
+                           top_k=gen.top_k, top_p=gen.top_p, seed=gen.seed, presence_penalty=gen.presence_penalty,
+                           frequency_penalty=gen.frequency_penalty, logprobs=gen.logprobs)
     try:
         while True:
             batch = [await events.get()]
@@ -71,7 +76,8 @@ async def token_events(scheduler, gen: Generation):
 
 async def text_events(scheduler, tokenizer, gen: Generation):
     """token_events decoded: per batch a list of ("text", delta), then ("done", finish_reason) or
-    ("error", message). A delta never splits a UTF-8 character; counts tokens and the finish on `gen`."""
+    ("error", message); a ("prompt", logprobs) event passes through unchanged (scheduler.py).
+    A delta never splits a UTF-8 character; counts tokens and the finish on `gen`."""
     text = TextStream(tokenizer)
     async with aclosing(token_events(scheduler, gen)) as batches:
         async for batch in batches:
@@ -82,6 +88,8 @@ async def text_events(scheduler, tokenizer, gen: Generation):
                     delta = text.push(ev[1])
                     if delta:
                         out.append(("text", delta))
+                elif ev[0] == "prompt":  # prompt logprobs: passed on as they are
+                    out.append(ev)
                 elif ev[0] == "done":
                     gen.finish = ev[1]
                     tail = text.flush()
