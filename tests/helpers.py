@@ -31,7 +31,8 @@ def run(cmd, cwd, env=None, check=True, timeout=900):
     return p
 
 
-REPO_FILES = ["dvc.yaml", "conf", "stages", "src", "pyproject.toml", ".dvcignore", ".gitignore"]
+# plots/: the offline `dvc plots` page that .dvc/config names
+REPO_FILES = ["dvc.yaml", "conf", "stages", "src", "plots", "pyproject.toml", ".dvcignore", ".gitignore"]
 
 
 def make_repo_copy(dest: Path, *overrides: str) -> Path:

@@ -249,14 +249,33 @@ def test_a_shard_corrupted_on_disk_is_not_skipped_on_rerun(big_server, tmp_path,
     monkeypatch.chdir(tmp_path)
     url = f"http://127.0.0.1:{big_server.port}/shard_{{index:05d}}.parquet"
     run_stage(download_stage, _url_cfg(url))
-    victim = Path("data/shards/shard_00000.parquet")
-    data = victim.read_bytes()
-    victim.unlink()  # DVC may hardlink it to the cache: write a new file, as a bit rot / bad copy would
-    victim.write_bytes(corrupt_middle(data))
+    # the store (data/.downloads) is what a rerun trusts; data/shards holds links to it
+    kept, out = Path("data/.downloads/shard_00000.parquet"), Path("data/shards/shard_00000.parquet")
+    assert kept.stat().st_ino == out.stat().st_ino, "the output should be a hard link to the store, not a copy"
+    data = kept.read_bytes()
+    kept.unlink()  # DVC may hardlink it to the cache: write a new file, as a bit rot / bad copy would
+    kept.write_bytes(corrupt_middle(data))
     big_server.hits.clear()
     run_stage(download_stage, _url_cfg(url))
     assert big_server.hits == {"shard_00000.parquet": 1}
-    assert victim.read_bytes() == data
+    assert kept.read_bytes() == data and out.read_bytes() == data
+
+
+def test_more_shards_fetch_only_the_new_ones(server, tmp_path, monkeypatch):
+    """The store outlives data/shards (which DVC deletes before every rerun of the stage): a config that
+    wants one more shard fetches that one only."""
+    monkeypatch.chdir(tmp_path)
+    url = f"http://127.0.0.1:{server.port}/shard_{{index:05d}}.parquet"
+    run_stage(download_stage, _url_cfg(url, **{"data.num_train_shards": 1}))
+    assert sorted(server.hits) == ["shard_00000.parquet", "shard_00002.parquet"]
+    import shutil
+
+    shutil.rmtree("data/shards")  # what DVC does before it runs a stage whose output is not `persist`
+    server.hits.clear()
+    run_stage(download_stage, _url_cfg(url))
+    assert server.hits == {"shard_00001.parquet": 1}
+    assert artifacts.read_json("metrics/download.json")["skipped"] == 2
+    assert sorted(artifacts.read_json("data/shards/.sources.json")) == [f"shard_0000{i}.parquet" for i in range(3)]
 
 
 def test_retry_after_is_honoured(server, tmp_path, monkeypatch):
@@ -298,7 +317,7 @@ def test_template_without_a_usable_index_is_a_config_error(template):
 
 
 @pytest.mark.slow
-def test_killed_download_leaves_no_junk_and_the_rerun_hashes_as_a_clean_run(big_server, tmp_path):
+def test_killed_download_leaves_no_junk_and_the_rerun_resumes_and_hashes_as_a_clean_run(big_server, tmp_path):
     url = f"http://127.0.0.1:{big_server.port}/shard_{{index:05d}}.parquet"
     over = ["data.source=url", f"data.url_template='{url}'", "data.total_shards=3", "data.val_shard=2",
             "data.num_train_shards=2", "data.retries=2", "data.backoff=0.01", "data.workers=3", "tracking.enabled=false"]
@@ -312,8 +331,12 @@ def test_killed_download_leaves_no_junk_and_the_rerun_hashes_as_a_clean_run(big_
     run(["dvc", "repro", "download"], repo, env=env)
     clean = shards_hash()
     listing = sorted(p.name for p in (repo / "data/shards").iterdir())
-    for p in (repo / "data/shards").iterdir():
-        p.unlink()
+    # start over with nothing: no output, no download store, no DVC cache (which would restore the stage
+    # from its run-cache without running it: tests/test_run_cache.py)
+    import shutil
+
+    for d in ("data/shards", "data/.downloads", ".dvc/cache"):
+        shutil.rmtree(repo / d)
 
     big_server.faults = {"shard_00001.parquet": ["slow"]}
     proc = subprocess.Popen(["dvc", "repro", "download"], cwd=repo, env=subprocess_env(env), start_new_session=True,
@@ -331,7 +354,11 @@ def test_killed_download_leaves_no_junk_and_the_rerun_hashes_as_a_clean_run(big_
     assert junk == [], f"temp files inside the DVC output: {junk}"
     assert any((repo / "data/.partial").iterdir()), "the kill should have left a partial download (outside)"
 
-    run(["dvc", "repro", "download"], repo, env=env)
+    big_server.hits.clear()
+    out = run(["dvc", "repro", "download"], repo, env=env).stdout
+    assert "Running stage 'download'" in out, out
+    # resumed: the two shards verified before the kill come from data/.downloads, only the third is fetched
+    assert big_server.hits == {"shard_00001.parquet": 1}, big_server.hits
     assert sorted(p.name for p in (repo / "data/shards").iterdir()) == listing
     assert shards_hash() == clean
     assert not any((repo / "data/.partial").iterdir())

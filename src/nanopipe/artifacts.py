@@ -217,3 +217,42 @@ def require(path: str | os.PathLike, produced_by: str) -> Path:
     if not path.exists():
         raise MissingInput(f"{path}: not found; it is produced by the `{produced_by}` stage (run `dvc repro {produced_by}`)")
     return path
+
+
+def fingerprint(path: str | os.PathLike) -> str | None:
+    """A content fingerprint of an artifact (None when it does not exist), cheap for the big ones:
+    - a checkpoint directory (meta.json lists the size and sha256 of every file): sha256 of meta.json;
+    - data/shards (manifest.json lists the sha256 of every shard): sha256 of manifest.json;
+    - a JSON file (another stage's metrics): sha256 of its canonical form (sorted keys, no whitespace), which
+      a reader of `dvc exp show --json` can recompute from the parsed data;
+    - any other file or directory: sha256 over the sorted (relative path, sha256) of every file."""
+    p = Path(path)
+    if p.is_dir():
+        if _lists_hashes(p / "meta.json", "files") or _lists_hashes(p / "manifest.json", "shards"):
+            return "sha256:" + sha256_file(p / ("meta.json" if (p / "meta.json").is_file() else "manifest.json"))
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(f"{f.relative_to(p).as_posix()}\0{sha256_file(f)}\n".encode())
+        return "sha256:" + h.hexdigest()
+    if p.is_file():
+        return json_fingerprint(read_json(p)) if p.suffix == ".json" else "sha256:" + sha256_file(p)
+    return None
+
+
+def _lists_hashes(index: Path, key: str) -> bool:
+    """Does `index` (a checkpoint's meta.json, the shards' manifest.json) record a sha256 for every file under
+    `key`? Only then does its own hash stand for the whole directory."""
+    if not index.is_file():
+        return False
+    try:
+        entries = json.loads(index.read_text()).get(key)
+    except (ValueError, AttributeError):
+        return False
+    entries = entries.values() if isinstance(entries, dict) else entries
+    return bool(entries) and all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in entries)
+
+
+def json_fingerprint(obj: Any) -> str:
+    """The fingerprint of parsed JSON (what `fingerprint` records for a .json file)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()

@@ -11,6 +11,20 @@ reproducible like any other, and lands in MLflow tagged with its experiment name
 whose experiment already exists are skipped (the script skipped pairs already in its
 CSV). `--run` then runs the queue (`dvc exp run --run-all`).
 
+    python -m nanopipe.experiments show [--all-commits] [--params k1,k2]   # the short experiments table
+    python -m nanopipe.experiments plots [EXP ...]      # dvc plots diff, without inherited curves
+
+`show` is `dvc exp show` cut to what a researcher reads (at most 15 columns: the name, the params
+that differ between the rows, one headline number per stage) and honest about inherited numbers:
+a queued experiment that reran only up to pretrain still carries the baseline's sft/rl/chat_eval
+metrics files in its commit, and `dvc exp show` lists them as if they were its own. Every metrics
+file records the fingerprints of the artifacts it was computed from (`lineage`, written by the
+stage contract); a stage whose inputs are not the artifacts this experiment's own upstream stages
+produced is *inherited*: its numbers are marked `*` and it is named in the `inherited` column
+(docs/decisions.md, D21). `plots` runs `dvc plots diff` once per stage with the curves (dvc.yaml's
+top-level `plots:`), over only the experiments whose run of that stage is their own, so that an
+experiment that never ran SFT is not drawn with the baseline's SFT curves.
+
 `collect` reads the results from `dvc exp show --json` (each experiment's params and its
 metrics/pretrain.json), not from training logs, into a CSV, fits val bpb as a quadratic
 in log10(scaling params) per budget to find the compute-optimal model size, and plots
@@ -28,7 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from nanopipe import artifacts
+from nanopipe import artifacts, paths
 
 OUT_DIR = Path("metrics")  # results go to metrics/<kind>/
 # scaling_laws.sh: budgets 3 per decade, depths 8..20; CORE on full tasks at the last step only.
@@ -328,6 +342,176 @@ def print_table(rows: list[dict[str, Any]], optima: list[dict[str, Any]]) -> Non
               + ("" if o["fit"] else " (best measured point; fewer than 3 points or no convex fit)") + where)
 
 
+# ----------------------------------------------------------------------------- the short table, with lineage
+
+# One headline number per stage: (column, stage, key path in metrics/<stage>.json).
+HEADLINES = [("tok_eval bytes/tok", "tok_eval", ("bytes_per_token_val",)),
+             ("pretrain val_bpb", "pretrain", ("final_val_bpb",)),
+             ("base_eval CORE", "base_eval", ("core_metric",)),
+             ("sft val_bpb", "sft", ("val_bpb",)),
+             ("rl pass@1", "rl", ("pass_at_k_end", "pass_at_1")),
+             ("chat ChatCORE", "chat_eval", ("rl", "ChatCORE")),
+             ("report wall_s", "report", ("total_wall_time_s",))]
+MAX_PARAM_COLUMNS = 6  # with the name, the headlines and `inherited`: 15 columns at most
+OWN, INHERITED, UNKNOWN = "own", "inherited", "unknown"
+
+
+def _worst(a: str, b: str) -> str:
+    order = [OWN, UNKNOWN, INHERITED]
+    return max(a, b, key=order.index)
+
+
+def stage_origins(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """For one experiment's metrics ({stage: parsed metrics/<stage>.json}), whether each stage's numbers are
+    its own: `own` when every artifact the stage recorded as its input (lineage.inputs) is the one this
+    experiment's producing stage recorded as its output, and that producer is own too; `inherited` when one
+    differs (the stage ran on another run's artifact: its metrics file came along from an older commit);
+    `unknown` when a file in the chain records no lineage (written before D21)."""
+    producer = {str(p): s for s, (_, outs) in paths.LINEAGE.items() for p in outs}
+    origins: dict[str, str] = {}
+
+    def origin(stage: str) -> str:
+        if stage in origins:
+            return origins[stage]
+        lin = (metrics.get(stage) or {}).get("lineage")
+        if not isinstance(lin, Mapping):
+            origins[stage] = UNKNOWN
+            return UNKNOWN
+        result = OWN
+        for path, recorded in (lin.get("inputs") or {}).items():
+            p = Path(path)
+            is_metrics = p.parent == paths.METRICS and p.suffix == ".json"  # another stage's metrics file (export)
+            src = p.stem if is_metrics else producer.get(path)
+            if src is None:
+                continue  # not an artifact of this pipeline
+            if src not in metrics:
+                current = None  # its producer never ran here
+            elif is_metrics:
+                current = artifacts.json_fingerprint(metrics[src])
+            else:
+                src_lineage = metrics[src].get("lineage")
+                if not isinstance(src_lineage, Mapping):
+                    result = _worst(result, UNKNOWN)
+                    continue
+                current = (src_lineage.get("outputs") or {}).get(path)
+            if recorded != current:
+                result = INHERITED
+            elif src in metrics:
+                result = _worst(result, origin(src))
+        origins[stage] = result
+        return result
+
+    for stage in metrics:
+        if stage in paths.LINEAGE:
+            origin(stage)
+    return origins
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def _rows(exp_show: list) -> list[dict[str, Any]]:
+    """[{name, rev, params (flat), metrics: {stage: data}}]: the workspace, each baseline commit, and each
+    baseline's experiments (their newest rev), in `dvc exp show` order."""
+
+    def row(name, rev, data):
+        ms = (data or {}).get("metrics") or {}
+        metrics = {Path(path).stem: (m or {}).get("data") for path, m in ms.items()
+                   if Path(path).parent == paths.METRICS and (m or {}).get("data") is not None}
+        params = _flat(_get(data or {}, "params", "params.yaml", "data", default={}))
+        return {"name": name, "rev": rev, "params": params, "metrics": metrics}
+
+    rows = []
+    for base in exp_show or []:
+        rev = base.get("rev")
+        rows.append(row(base.get("name") or (rev[:7] if rev != "workspace" else "workspace"), rev, base.get("data")))
+        for exp in base.get("experiments") or []:
+            if _get(exp, "executor", "state") not in (None, "success"):
+                continue
+            for r in exp.get("revs") or []:
+                rows.append(row(r.get("name") or exp.get("name") or r.get("rev", "")[:7], r.get("rev"), r.get("data")))
+                break
+    return rows
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def show_table(exp_show: list, params: list[str] | None = None) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, notes) of the short experiments table."""
+    rows = _rows(exp_show)
+    notes = []
+    if params is None:
+        keys = sorted({k for r in rows for k in r["params"]})
+        params = [k for k in keys if len({repr(r["params"].get(k)) for r in rows}) > 1]
+        if len(params) > MAX_PARAM_COLUMNS:
+            notes.append(f"{len(params) - MAX_PARAM_COLUMNS} more params differ between the rows, not shown: "
+                         + ", ".join(params[MAX_PARAM_COLUMNS:]) + " (choose with --params)")
+            params = params[:MAX_PARAM_COLUMNS]
+    header = ["experiment", *params, *(h for h, _, _ in HEADLINES), "inherited"]
+    table = []
+    for r in rows:
+        origins = stage_origins(r["metrics"])
+        cells = [r["name"], *(_cell(r["params"].get(k)) for k in params)]
+        for _, stage, keys in HEADLINES:
+            v = _get(r["metrics"].get(stage) or {}, *keys) if stage in r["metrics"] else None
+            mark = "*" if origins.get(stage) == INHERITED else "?" if origins.get(stage) == UNKNOWN else ""
+            cells.append(_cell(v) + mark if stage in r["metrics"] else "-")
+        inherited = [s for s, o in origins.items() if o == INHERITED]
+        cells.append(",".join(inherited) or "-")
+        table.append(cells)
+    notes.append("*: inherited, computed from artifacts this experiment did not produce (an older run's metrics file "
+                 "carried along in its commit); ?: no lineage recorded (docs/decisions.md, D21)")
+    return header, table, notes
+
+
+# dvc.yaml's top-level plot ids, by the stage that wrote their CSVs
+PLOT_IDS = {"pretrain": ["pretrain_loss", "pretrain_val_bpb"], "sft": ["sft_loss"], "rl": ["rl_reward", "rl_pass_at_k"]}
+
+
+def plots_commands(exp_show: list, names: list[str] | None, out_dir: Path) -> tuple[list[list[str]], list[str]]:
+    """(`dvc plots diff` argvs, notes): per stage with curves, the rows (experiments, baselines, the workspace;
+    default: all) whose metrics for that stage are their own; the others are named in a note, never drawn."""
+    rows = {r["name"]: r for r in _rows(exp_show)}
+    names = names or list(rows)
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        raise SystemExit(f"not in `dvc exp show`: {', '.join(unknown)} (names: {', '.join(rows)})")
+    argvs, notes = [], []
+    for stage, ids in PLOT_IDS.items():
+        origins = {n: stage_origins(rows[n]["metrics"]).get(stage, "not run") for n in names}
+        own = [n for n in names if origins[n] == OWN]  # row names are revs DVC resolves (experiment, branch, sha)
+        left_out = [f"{n} ({origins[n]})" for n in names if origins[n] != OWN]
+        if left_out:
+            notes.append(f"{stage} curves: left out {', '.join(left_out)}")
+        if own == ["workspace"]:
+            argvs.append(["dvc", "plots", "show", *ids, "-o", str(out_dir / stage)])
+        elif own:
+            # `dvc plots diff REV` alone compares REV with the workspace (dvc/repo/plots/diff.py): name it twice
+            revs = own * 2 if len(own) == 1 else own
+            argvs.append(["dvc", "plots", "diff", *revs, "--targets", *ids, "-o", str(out_dir / stage)])
+    return argvs, notes
+
+
+def print_show(header: list[str], table: list[list[str]], notes: list[str]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
+    for line in [header, *table]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+    for n in notes:
+        print(n)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> None:
@@ -356,8 +540,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label", help="only experiments named <label>-*")
     p.add_argument("--all-commits", action="store_true", help="include experiments of every commit, not just HEAD")
     p.add_argument("--from-json", type=Path, help="read a saved `dvc exp show --json` instead of running dvc")
+    p = sub.add_parser("show", help="the short `dvc exp show`: changed params, headline metrics, inherited stages")
+    p.add_argument("--all-commits", action="store_true", help="experiments of every commit, not just HEAD")
+    p.add_argument("--params", help="comma-separated param columns (default: those that differ between the rows)")
+    p.add_argument("--from-json", type=Path, help="read a saved `dvc exp show --json` instead of running dvc")
+    p = sub.add_parser("plots", help="`dvc plots diff` per stage, leaving out experiments whose curves are inherited")
+    p.add_argument("names", nargs="*", help="experiments / branches / revs as `show` names them (default: every row)")
+    p.add_argument("--out", type=Path, default=Path("dvc_plots"), help="one page per stage: OUT/<stage>/index.html")
     args = ap.parse_args(argv)
     cwd = Path(".")
+
+    if args.command == "plots":
+        data = dvc_json(["exp", "show", "--json"], cwd)
+        argvs, notes = plots_commands(data, args.names, args.out)
+        args.out.mkdir(parents=True, exist_ok=True)  # dvc plots -o creates the page's directory, not its parents
+        for cmd in argvs:
+            print("+ " + " ".join(cmd), flush=True)
+            if subprocess.run(cmd, cwd=cwd).returncode != 0:
+                raise SystemExit(f"`{' '.join(cmd)}` failed (its error is above)")
+        for n in notes:
+            print(n)
+        return
+
+    if args.command == "show":
+        data = json.loads(args.from_json.read_text()) if args.from_json else \
+            dvc_json(["exp", "show", "--json", *(["--all-commits"] if args.all_commits else [])], cwd)
+        print_show(*show_table(data, args.params.split(",") if args.params else None))
+        return
 
     if args.command == "collect":
         if args.from_json:

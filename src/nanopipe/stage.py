@@ -13,7 +13,8 @@ and `nanopipe <name>` / `python stages/launch.py <name>` call `main(module)`, wh
 3. `st.dev` (first use) seeds, picks the device and joins the torchrun process group;
 4. one MLflow run per execution: `st.log(...)` for curves (also rows of `metrics/<stage>/<plot>.csv`),
    `st.finish(metrics, report_md)` writes `metrics/<stage>.json` and `metrics/sections/<stage>.md`
-   atomically on rank 0;
+   atomically on rank 0, the metrics stamped with the fingerprints of the artifacts the stage read and
+   wrote (`lineage`, docs/decisions.md D21);
 5. on every exit path (an exception, Ctrl-C) the MLflow run is closed (FAILED unless `finish` ran;
    KILLED on SIGTERM, which torchrun and SLURM send) and the process group is torn down; no metrics
    file is written for a failed stage, so DVC never caches half a stage. A run whose process died
@@ -146,6 +147,9 @@ class Stage:
         self.flush_plots()
         name = name or self.name
         metrics = {**metrics, "wall_time_s": round(time.time() - self._t0, 3), "world_size": self.world_size}
+        # the DVC stage's own file only: a run under another name (an outside model) read other inputs
+        if name == self.name and self.name in paths.LINEAGE:
+            metrics["lineage"] = lineage(self.name)
         section = f"## {name}\n\n{report.strip()}\n" if report else f"## {name}\n"
         artifacts.write_text(paths.section_file(name), section)
         artifacts.write_json(paths.metrics_file(name), metrics)
@@ -154,6 +158,15 @@ class Stage:
         self.tracker.log_artifact(paths.section_file(name))
         for plot in self._plots:
             self.tracker.log_artifact(paths.plot_file(self.name, plot), "plots")
+
+
+def lineage(stage: str) -> dict[str, dict[str, str | None]]:
+    """The fingerprints of the artifacts a stage read and wrote (paths.LINEAGE), recorded in its metrics
+    file: `nanopipe.experiments show` flags an experiment's metrics as inherited when the artifacts they
+    were computed from are not the ones that experiment produced (docs/decisions.md, D21)."""
+    inputs, outputs = paths.LINEAGE[stage]
+    return {"inputs": {str(p): artifacts.fingerprint(p) for p in inputs},
+            "outputs": {str(p): artifacts.fingerprint(p) for p in outputs}}
 
 
 def fmt(x, spec: str = ".4f") -> str:

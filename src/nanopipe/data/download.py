@@ -10,10 +10,14 @@ count. Failures are retried with exponential backoff, honouring `Retry-After`
 (seconds or an HTTP date, capped at RETRY_AFTER_CAP); permanent HTTP errors (4xx)
 fail at once with the URL and status.
 
-Temp files live in data/.partial/, outside the DVC output, and are wiped on every
-start: a killed run leaves nothing inside data/shards for dvc.lock to track.
-`data/shards` is a DVC `persist` output, so a rerun after an interruption skips the
-shards already verified (their sha256 is recorded in `.sources.json`).
+Verified remote shards are kept in a download store, data/.downloads/ (outside the DVC
+output, with `sources.json`: shard name -> the URL and sha256 it was verified as), and
+hard-linked (copied across filesystems) into data/shards. DVC deletes data/shards before
+it reruns the stage (it is not a `persist` output, so DVC's run-cache can restore it:
+docs/decisions.md, D20), but not the store: a rerun after an interruption, or for a
+config that wants more shards, fetches only what the store does not hold verified.
+Temp files live in data/.partial/, outside both, and are wiped on every start: a killed
+run leaves nothing inside data/shards for dvc.lock to track.
 """
 from __future__ import annotations
 
@@ -45,7 +49,9 @@ from nanopipe.data.shards import ShardError, shard_name, verify_shard, write_sha
 from nanopipe.data.sources import embedded_documents, shard_url, template_problem
 
 log = logging.getLogger("nanopipe.download")
-STATE = paths.SHARDS / ".sources.json"  # shard name -> {url, sha256} it was verified as
+STORE = paths.DATA / ".downloads"  # verified remote shards, kept across DVC's reruns (outside the output)
+STORE_STATE = STORE / "sources.json"  # shard name -> {url, sha256} it was verified as
+STATE = paths.SHARDS / ".sources.json"  # the same, for the shards of this run: part of the output
 PARTIAL = paths.DATA / ".partial"  # temp files: outside the DVC output data/shards
 RETRY_AFTER_CAP = 300.0  # seconds: the longest Retry-After we honour
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -301,9 +307,26 @@ def _verified_before(dest: Path, entry: dict) -> bool:
 
 
 def _load_state() -> dict[str, dict]:
-    raw = artifacts.read_json(STATE) if STATE.exists() else {}
+    raw = artifacts.read_json(STORE_STATE) if STORE_STATE.exists() else {}
     # an older .sources.json maps name -> url: no hash recorded, so those shards get a full read
     return {k: (v if isinstance(v, dict) else {"url": v}) for k, v in raw.items()}
+
+
+def _place(kept: Path, dest: Path) -> None:
+    """Put the store's verified shard at `dest`: a hard link (no second copy of the bytes; DVC's cache may
+    link the same inode, which is safe because nothing here writes into an existing file, only renames new
+    ones over it), or a copy where the store and data/shards are on different filesystems."""
+    PARTIAL.mkdir(parents=True, exist_ok=True)
+    tmp = PARTIAL / f"{dest.name}.link"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(kept, tmp)
+    except OSError as e:
+        log.info("%s: cannot hard-link from %s (%s); copying", dest, kept, e)
+        with staged(dest) as copy:
+            shutil.copyfile(kept, copy)
+        return
+    os.replace(tmp, dest)
 
 
 def download_remote(cfg: DictConfig, wanted: list[tuple[int, str]]) -> tuple[dict[str, str], int]:
@@ -316,30 +339,34 @@ def download_remote(cfg: DictConfig, wanted: list[tuple[int, str]]) -> tuple[dic
     if len(set(urls.values())) < len(urls):
         raise bad_value("data.url_template", template, "a template that names a different URL for every shard")
     state = _load_state()
+    STORE.mkdir(parents=True, exist_ok=True)
     todo, skipped = [], 0
     for name, url in urls.items():
-        dest = paths.SHARDS / name
+        kept = STORE / name
         entry = state.get(name)
-        if dest.exists() and entry and entry.get("url") == url and _verified_before(dest, entry):
+        if kept.exists() and entry and entry.get("url") == url and _verified_before(kept, entry):
             skipped += 1
             continue
         state.pop(name, None)
         todo.append((name, url))
-    log.info("download: %d shards to fetch, %d already verified", len(todo), skipped)
+    log.info("download: %d shards to fetch, %d already verified in %s", len(todo), skipped, STORE)
 
-    def save(names) -> None:  # sorted and pruned: a rerun writes the same bytes as a clean run
-        write_json(STATE, {n: state[n] for n in sorted(names) if n in state})
+    def save_store() -> None:  # every shard the store holds verified, including other configs' shards
+        write_json(STORE_STATE, {n: state[n] for n in sorted(state)})
 
     with ThreadPoolExecutor(max_workers=max(1, d.workers)) as pool:
-        futures = {pool.submit(fetch, url, paths.SHARDS / name, d.retries, d.backoff, d.timeout): (name, url) for name, url in todo}
+        futures = {pool.submit(fetch, url, STORE / name, d.retries, d.backoff, d.timeout): (name, url) for name, url in todo}
         try:
             for fut in tqdm(as_completed(futures), total=len(futures), desc="shards", disable=None):
                 name, url = futures[fut]
                 state[name] = {"url": url, **fut.result()}
-                save(state)  # progress survives an interruption
+                save_store()  # progress survives an interruption
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
-    save(urls)
+    for name in urls:
+        _place(STORE / name, paths.SHARDS / name)
+    # sorted and pruned to this run's shards: a resumed run writes the same bytes as a clean run
+    write_json(STATE, {n: state[n] for n in sorted(urls)})
     return dict(urls), skipped

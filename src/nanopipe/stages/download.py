@@ -3,9 +3,10 @@
 Train shards are indices 0..num_train_shards-1 (skipping the val index); the validation shard is
 `data.val_shard`, fixed by config. The embedded source builds its shards from text that ships with
 Python; remote ones are fetched by `nanopipe.data.download` (parallel, verified, retried).
-`data/shards` is a DVC `persist` output, so a rerun after an interruption skips verified shards; temp
-files live in data/.partial (outside the output, wiped on every start), so a killed run leaves no junk
-for dvc.lock to track.
+Remote shards are kept verified in data/.downloads (outside the output, which DVC deletes before a rerun
+and can restore from its run-cache: docs/decisions.md, D20), so a rerun after an interruption fetches only
+what is missing; temp files live in data/.partial (outside the output, wiped on every start), so a killed
+run leaves no junk for dvc.lock to track.
 """
 from __future__ import annotations
 
