@@ -3,7 +3,8 @@ the serving scheduler's batched decode with 1 and 8 concurrent requests (no HTTP
 
 Model: depth 4 (n_embd 256, 2 heads of 128), vocab 4096, sequence_len 256, freshly initialised
 weights (decode speed does not depend on what the weights say); torch on 2 threads, --dtype as
-runtime.dtype (auto: bf16 autocast on CUDA SM80+ and on CPUs with native bf16, fp32 elsewhere). Each measurement: a 32-token prompt, 128 new tokens at temperature 1,
+runtime.dtype (auto: bf16 autocast on CUDA SM80+ and on CPUs with native bf16, fp32 elsewhere).
+Each measurement: a 32-token prompt, 128 new tokens at temperature 1,
 one warm-up run, then the median of --repeats runs. tok/s counts every row's tokens.
 
     PYTHONPATH=src python bench/bench_engine.py [--threads 2] [--repeats 3] [--dtype auto] [--json out.json]
@@ -21,9 +22,9 @@ import time
 
 import torch
 
+from nanopipe.inference.engine import Engine
 from nanopipe.model.gpt import config_from_depth, create_model
 from nanopipe.runtime import autocast_ctx, compute_dtype
-from nanopipe.inference.engine import Engine
 from nanopipe.serving.scheduler import Scheduler
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
@@ -107,18 +108,18 @@ def main():
     dtype = compute_dtype(device, args.dtype)
     autocast = autocast_ctx(device, dtype)
 
-    results = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": args.threads, "depth": args.depth, "vocab_size": args.vocab_size,
-               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens}
+    results = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": args.threads, "depth": args.depth,
+               "vocab_size": args.vocab_size, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens}
     with autocast:
         for b in (1, 8):
             results[f"engine_batch{b}_tok_s"] = median_rate(
-                lambda r: time_engine(engine, prompt, b, args.max_tokens, seed=r), args.repeats)
+                lambda r, b=b: time_engine(engine, prompt, b, args.max_tokens, seed=r), args.repeats)
     sched = Scheduler(model, tokenizer, max_batch=16, autocast_dtype=dtype)
     sched.start()
     try:
         for n in (1, 8):
             results[f"scheduler_{n}req_tok_s"] = median_rate(
-                lambda r: time_scheduler(sched, [prompt] * n, args.max_tokens, seed=100 * r), args.repeats)
+                lambda r, n=n: time_scheduler(sched, [prompt] * n, args.max_tokens, seed=100 * r), args.repeats)
         results["scheduler_mode"] = sched.workers[0].mode
         # batch 1, interleaved pairs (the machine's load hits both alike), by wall time and by this
         # process's CPU time (all threads: what a token costs, whatever else runs on the machine)

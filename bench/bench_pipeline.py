@@ -38,7 +38,8 @@ def main(repeats: int = 3) -> None:
                 totals.append(timed([sys.executable, "-m", "nanopipe.cli", "download", f"tracking.enabled={tracking}"], repo))
                 builds.append(json.loads((repo / "metrics/download.json").read_text())["build_seconds"])
             rows.append((tracking, statistics.median(totals), statistics.median(builds)))
-        import_t = statistics.median(timed([sys.executable, "-c", "import nanopipe.cli, nanopipe.data.download, mlflow"], repo) for _ in range(repeats))
+        import_cmd = [sys.executable, "-c", "import nanopipe.cli, nanopipe.data.download, mlflow"]
+        import_t = statistics.median(timed(import_cmd, repo) for _ in range(repeats))
     print(f"machine: {os.cpu_count()} cores; median of {repeats}")
     print(f"{'measure':<48}{'seconds':>10}{'goal':>8}")
     print(f"{'dvc repro (no-op, 1 stage up to date)':<48}{statistics.median(noop):>10.2f}{'<= 2':>8}")

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from nanopipe.eval import chatcore as chat_eval
+from nanopipe.inference.engine import Engine
 from nanopipe.model.checkpoint import load_model
 from nanopipe.model.gpt import config_from_depth, create_model
-from nanopipe.inference.engine import Engine
 from nanopipe.tasks import Arithmetic, SpellingBee, Task, render_mc
 from nanopipe.tokenizer import Tokenizer, load_tokenizer
 from nanopipe.train import rl

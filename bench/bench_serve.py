@@ -66,8 +66,8 @@ NANOCHAT_SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_s
 def nanopipe_child(args):
     import torch
     import uvicorn
-
     from bench_engine import StubTokenizer
+
     from nanopipe.config import compose_conf, validate
     from nanopipe.model.gpt import config_from_depth, create_model
     from nanopipe.serving.app import create_app

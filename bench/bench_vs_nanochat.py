@@ -95,8 +95,10 @@ def run_variant(impl: str, steps: int, seed: int, eval_every: int) -> dict:
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)  # as the stages do on CPU
     from nanopipe import paths
-    from nanopipe.data.loader import (tokenizing_distributed_data_loader_bos_bestfit,
-                                      tokenizing_distributed_data_loader_with_state_bos_bestfit)
+    from nanopipe.data.loader import (
+        tokenizing_distributed_data_loader_bos_bestfit,
+        tokenizing_distributed_data_loader_with_state_bos_bestfit,
+    )
     from nanopipe.data.shards import read_manifest, split_paths
     from nanopipe.eval.bpb import evaluate_bpb
     from nanopipe.tokenizer import load_token_bytes, load_tokenizer

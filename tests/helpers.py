@@ -11,8 +11,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 def make_cfg(*overrides: str):
     """The validated config of conf/ composed with overrides (what params.yaml would hold)."""
-    from nanopipe.config import compose_conf
-    from nanopipe.config import validate
+    from nanopipe.config import compose_conf, validate
 
     return validate(compose_conf(list(overrides), conf_dir=REPO / "conf"), source="test config")
 

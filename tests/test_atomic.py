@@ -13,8 +13,8 @@ import sys
 import time
 
 import pytest
-
 from helpers import REPO
+
 from nanopipe import artifacts
 
 FILES = 24  # enough files that deleting a tree takes a while: a writer that leaves a gap is caught

@@ -4,11 +4,10 @@ import sys
 
 import pytest
 import yaml
+from helpers import REPO, make_cfg
 from omegaconf import OmegaConf
 
-from helpers import REPO, make_cfg
-from nanopipe.config import compose_conf
-from nanopipe.config import ConfigError, validate
+from nanopipe.config import ConfigError, compose_conf, validate
 
 
 def test_committed_params_equal_composed_default():

@@ -8,9 +8,9 @@ validate() itself in tests/test_stage.py. The cross-key checks go through valida
 import math
 
 import pytest
+from helpers import REPO, make_cfg
 from omegaconf import OmegaConf
 
-from helpers import REPO, make_cfg
 from nanopipe.config import CHAT_TASKS, Config, ConfigError, _checked_fields, compose_conf, validate
 
 NAN, INF = math.nan, math.inf

@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from helpers import run, subprocess_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "eval"))

@@ -5,8 +5,8 @@ import math
 import sys
 
 import pytest
-
 from helpers import make_repo_copy, run
+
 from nanopipe import experiments
 
 # ----------------------------------------------------------------------------- fabricated `dvc exp show --json`

@@ -18,7 +18,8 @@ UMASK = A._UMASK
 def test_write_json_exact_bytes_nonfinite_as_null_and_order_kept(tmp_path):
     p = tmp_path / "m.json"
     A.write_json(p, {"b": float("inf"), 1: [torch.tensor(2.5), (float("nan"), -float("inf"))], "a": {"x": 1.0}})
-    assert p.read_text() == '{\n  "b": null,\n  "1": [\n    2.5,\n    [\n      null,\n      null\n    ]\n  ],\n  "a": {\n    "x": 1.0\n  }\n}\n'
+    assert p.read_text() == ('{\n  "b": null,\n  "1": [\n    2.5,\n    [\n      null,\n      null\n    ]\n  ],\n'
+                             '  "a": {\n    "x": 1.0\n  }\n}\n')
     assert A.read_json(p) == {"b": None, "1": [2.5, [None, None]], "a": {"x": 1.0}}
 
 

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, ReadonlyConfigError
 
-from helpers import REPO
 from nanopipe import config as C
 from nanopipe.config import ConfigError
 

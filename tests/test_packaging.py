@@ -1,8 +1,8 @@
 """Packaging hygiene: the constraints file pins what pyproject.toml asks for, and the package ships what it says."""
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 

@@ -2,8 +2,8 @@
 import sys
 
 import yaml
-
 from helpers import REPO, run
+
 from nanopipe import paths
 
 

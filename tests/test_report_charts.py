@@ -29,7 +29,8 @@ def _csv(root: Path, stage: str, plot: str, header: list[str], rows: list[list])
 
 def _run(root: Path, loss_scale: float = 1.0) -> None:
     """The metrics tree of a whole run, as the stages write it."""
-    _csv(root, "pretrain", "train", ["step", "loss", "loss_smooth"], [[s, 8 - s * loss_scale / 100, 8 - s * loss_scale / 100] for s in range(50)])
+    _csv(root, "pretrain", "train", ["step", "loss", "loss_smooth"],
+         [[s, 8 - s * loss_scale / 100, 8 - s * loss_scale / 100] for s in range(50)])
     _csv(root, "pretrain", "val", ["step", "val_bpb", "total_training_flops"], [[0, 3.1, 0], [25, 1.9, 1e9], [50, 1.23456789, 2e9]])
     _csv(root, "sft", "train", ["step", "loss", "loss_smooth"], [[s, 2 - s / 50, 2 - s / 50] for s in range(30)])
     _csv(root, "sft", "val", ["step", "val_loss", "val_bpb"], [[0, 2.0, 1.5], [30, 0.3, 0.2]])

@@ -7,9 +7,9 @@ import types
 
 import pytest
 import torch.distributed as dist
+from helpers import REPO, make_cfg
 from omegaconf.errors import ConfigAttributeError
 
-from helpers import REPO, make_cfg
 from nanopipe.config import ConfigError, select
 from nanopipe.stage import DEVICE_PARAMS, run_stage
 

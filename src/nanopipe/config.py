@@ -369,7 +369,8 @@ def validate(cfg: DictConfig | dict[str, Any], source: str = "params.yaml") -> D
         raise ConfigError(f"{source}: invalid config key `{key}`: {str(e).splitlines()[0]}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
-        raise ConfigError(f"{source}: missing config key `{missing[0]}`" + (f" (and {len(missing) - 1} more: {missing[1:6]})" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more: {missing[1:6]})" if len(missing) > 1 else ""
+        raise ConfigError(f"{source}: missing config key `{missing[0]}`{more}")
     OmegaConf.set_readonly(merged, True)
     for key, value, f in _checked_fields(Config, merged):
         if not f.metadata["ok"](value):
@@ -459,10 +460,9 @@ def check_overrides(overrides: list[str], groups: dict[str, list[str]], composin
 
 def load_config(overrides: list[str], params: str | os.PathLike = "params.yaml") -> DictConfig:
     """params.yaml + Hydra overrides, validated."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-
-    import yaml
 
     params = Path(params).resolve()
     if not params.exists():

@@ -216,7 +216,7 @@ def run_stage(module: ModuleType, cfg: DictConfig, options: Any = None) -> None:
     """Run one stage module on a validated config, inside the contract."""
     with Stage(module, cfg, options) as st:
         if is_multi_node():
-            st.dev  # join the other nodes and check they share the working directory before anyone reads an input
+            st.dev  # noqa: B018 (a property with an effect:) join the other nodes and check they share the working directory before anyone reads an input
         module.run(st)
 
 

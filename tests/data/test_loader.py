@@ -9,6 +9,8 @@ import torch
 
 from nanopipe.data.loader import (
     tokenizing_distributed_data_loader_bos_bestfit,
+)
+from nanopipe.data.loader import (
     tokenizing_distributed_data_loader_with_state_bos_bestfit as loader_with_state,
 )
 

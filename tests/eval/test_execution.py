@@ -11,8 +11,8 @@ import socket
 import time
 
 import pytest
-
 from helpers import require_tool
+
 from nanopipe.sandbox import MAX_OUTPUT_CHARS, ExecutionResult, SandboxUnavailableError, execute_code, resolve_isolation
 
 

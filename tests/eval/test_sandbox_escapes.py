@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import require_tool
+
 from nanopipe import sandbox
 from nanopipe.sandbox import MAX_PROCESSES, SandboxUnavailableError, execute_code
 

@@ -4,12 +4,19 @@ import random
 
 import pytest
 import torch
-
 from model_helpers import tiny_model
 from model_helpers import train_steps as helpers_train_steps
+
 from nanopipe.artifacts import sha256_file
-from nanopipe.model.checkpoint import (CheckpointError, find_last_step, load_checkpoint, load_model, read_meta,
-                                       save_checkpoint, step_dir)
+from nanopipe.model.checkpoint import (
+    CheckpointError,
+    find_last_step,
+    load_checkpoint,
+    load_model,
+    read_meta,
+    save_checkpoint,
+    step_dir,
+)
 
 
 def random_batch():

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from model_helpers import batch, schedule, tiny_model
+
 from nanopipe.model.checkpoint import load_checkpoint, save_checkpoint
 from nanopipe.model.optim import DistMuonAdamW, MuonAdamW
 
@@ -107,7 +107,7 @@ def test_dist_equivalence_and_resume_across_world_sizes(tmp_path):
         # float64 model: the only difference between 1 process and 2 ranks is the order of the
         # gradient reductions, so the parameters agree to ~1e-13; a real discrepancy is >> 1e-9.
         for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=1e-9, rtol=0, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(a[k], b[k], atol=1e-9, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
     # Equivalence: 2 ranks with DistMuonAdamW == 1 process with MuonAdamW on the same global batch
     close(out["params"], ref_params)

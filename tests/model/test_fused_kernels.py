@@ -3,8 +3,8 @@ lm_head + soft-cap + cross-entropy, and relu^2 with its one-pass backward."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from model_helpers import batch, tiny_model
+
 from nanopipe.model import fused_ce
 from nanopipe.model.fused_ce import linear_softcap_cross_entropy
 from nanopipe.model.gpt import _ReluSquared

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from model_helpers import batch, tiny_config, tiny_model
+
 from nanopipe.model.gpt import GPT, GPTConfig, config_from_depth, create_model, has_ve, maybe_compile
 from nanopipe.model.kv_cache import KVCache
 from nanopipe.model.optim import MuonAdamW

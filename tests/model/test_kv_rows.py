@@ -9,8 +9,8 @@ differences only. A wrong position, a missed window or a write into another row 
 O(1) (the checks below would fail by orders of magnitude)."""
 import pytest
 import torch
-
 from model_helpers import tiny_model
+
 from nanopipe.model.kv_cache import KVCache
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -49,7 +49,7 @@ def test_rows_at_their_own_positions_match_each_row_alone(kw):
         alone.append(single)
     assert batched.cache_seqlens.tolist() == list(lengths)
     g = torch.Generator().manual_seed(9)
-    for step in range(6):  # one token per row per step (the scheduler's decode step)
+    for _step in range(6):  # one token per row per step (the scheduler's decode step)
         ids = torch.randint(0, 256, (len(prompts), 1), generator=g)
         got = model.forward(ids, kv_cache=batched)
         for r in range(len(prompts)):

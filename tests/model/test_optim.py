@@ -1,8 +1,8 @@
 """Muon and AdamW updates against references written here from their equations (nanochat nanochat/optim.py @1ec0a34)."""
 import pytest
 import torch
-
 from model_helpers import batch, tiny_model, train_steps
+
 from nanopipe.model.optim import MuonAdamW, polar_express_coeffs
 
 
@@ -41,7 +41,7 @@ def test_muon_step_matches_reference(shape):
     opt = MuonAdamW([dict(kind="muon", params=params, lr=0.05, momentum=0.9, ns_steps=5, beta2=0.95, weight_decay=0.3)])
     ref = [(p.detach().clone(), torch.zeros(shape), torch.zeros((shape[0], 1) if shape[0] >= shape[1] else (1, shape[1])))
            for p in params]
-    for step in range(3):
+    for _step in range(3):
         grads = [torch.randn(*shape, generator=g) for _ in params]
         before = [p.detach().clone() for p in params]
         for p, gr in zip(params, grads):
@@ -49,7 +49,7 @@ def test_muon_step_matches_reference(shape):
         opt.step()
         # the reference starts each step from the optimizer's weights so bf16 rounding cannot accumulate
         ref = [reference_muon(gr, b, M, S, mu=0.9, lr=0.05, wd=0.3, beta2=0.95) for gr, b, (_, M, S) in zip(grads, before, ref)]
-        for p, b, (P, M, S) in zip(params, before, ref):
+        for p, b, (P, _M, _S) in zip(params, before, ref):
             ours, theirs = p.detach() - b, P - b
             # Polar Express runs in bf16 (8-bit mantissa) and the kernel keeps the scaled update in bf16:
             # agreement to ~1.5% of the largest update element. A wrong term (no sqrt(r/c) factor, no
@@ -220,7 +220,7 @@ def test_compiled_kernels_match_eager():
     eager, compiled = update(False), update(True)
     for k in eager:
         if not k.startswith("transformer.h."):
-            torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     # Muon: the bf16 Polar Express is only ~5% (Frobenius) from exact orthogonalisation, and inductor
     # rounds at different points than eager, so both are compared with the exact (float64) reference.
     g = torch.Generator().manual_seed(2)

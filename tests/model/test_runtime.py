@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-
 from model_helpers import tiny_model
+
 from nanopipe import runtime
 from nanopipe.model import fp8
 

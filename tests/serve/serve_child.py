@@ -13,7 +13,6 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import torch  # noqa: E402
-
 from helpers import make_cfg  # noqa: E402
 from serve_doubles import ASSISTANT_END, BOS, ChatByteTokenizer, SlowModel, suppress_terminators, tiny_gpt  # noqa: E402
 

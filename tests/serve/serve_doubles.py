@@ -41,7 +41,7 @@ class MockModel:
 class BigramModel(MockModel):
     """Deterministic script: the next token is table[last input token] (argmax at temperature 0)."""
 
-    def __init__(self, table, vocab_size=262, default=ord("x"), strength=30.0):
+    def __init__(self, table, vocab_size=262, default=ord("x"), strength=30.0):  # noqa: B008 (a constant)
         super().__init__(vocab_size)
         self.table, self.default, self.strength = table, default, strength
 

@@ -4,20 +4,27 @@ import asyncio
 import json
 import os
 import queue
-import signal
 import shutil
+import signal
 import subprocess
 import time
 
 import httpx
 import pytest
 from fastapi import Request
+from helpers import make_cfg, require_module, require_tool
+from serve_doubles import (
+    ASSISTANT_END,
+    BOS,
+    ChatByteTokenizer,
+    byte_level_tokenizer,
+    scripted_reply_model,
+    suppress_terminators,
+    tiny_gpt,
+)
 
 from nanopipe.inference.engine import Engine, TextStream
 from nanopipe.serving.app import create_app, render_prompt, run_in_thread
-from helpers import make_cfg, require_module, require_tool
-from serve_doubles import (ASSISTANT_END, BOS, ChatByteTokenizer, byte_level_tokenizer, scripted_reply_model,
-                           suppress_terminators, tiny_gpt)
 
 REPLY = "Hi é€😀!"  # multi-byte characters, streamed one byte (= one token) at a time
 

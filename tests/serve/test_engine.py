@@ -3,10 +3,22 @@ import threading
 
 import pytest
 import torch
+from serve_doubles import (
+    ASSISTANT_END,
+    BOS,
+    OUTPUT_END,
+    OUTPUT_START,
+    PROMPT,
+    PYTHON_END,
+    PYTHON_START,
+    BigramModel,
+    ByteTokenizer,
+    ChatByteTokenizer,
+    MockModel,
+    tiny_gpt,
+)
 
-from nanopipe.inference.engine import (Engine, KVCache, eval_with_timeout, sample_next_token, use_calculator)
-from serve_doubles import (ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PROMPT, PYTHON_END, PYTHON_START,
-                           BigramModel, ByteTokenizer, ChatByteTokenizer, MockModel, tiny_gpt)
+from nanopipe.inference.engine import Engine, KVCache, eval_with_timeout, sample_next_token, use_calculator
 
 
 def engine():
@@ -263,9 +275,10 @@ class ScriptedGPT:
 def test_engine_matches_reference_generate_on_a_saved_checkpoint(tmp_path):
     """A checkpoint and tokenizer saved and loaded back: the Engine's greedy tokens equal the model's naive
     reference generate (the KV cache changes speed, not results)."""
+    from serve_doubles import byte_level_tokenizer
+
     from nanopipe.model.checkpoint import load_model, save_checkpoint
     from nanopipe.tokenizer import load_tokenizer
-    from serve_doubles import byte_level_tokenizer
 
     byte_level_tokenizer().save(tmp_path / "tokenizer")
     tok = load_tokenizer(tmp_path / "tokenizer")

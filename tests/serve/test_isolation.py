@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import require_module
+from serve_doubles import ASSISTANT_END, BOS, PROMPT, ChatByteTokenizer, SlowModel, suppress_terminators, tiny_gpt
 
 from nanopipe.serving import scheduler as sched
 from nanopipe.serving.scheduler import Request, Scheduler
-from serve_doubles import ASSISTANT_END, BOS, PROMPT, ChatByteTokenizer, SlowModel, suppress_terminators, tiny_gpt
 
 HERE = Path(__file__).resolve().parent
 SHUTDOWN_TIMEOUT = 2  # serve.shutdown_timeout of the child servers
@@ -118,9 +118,9 @@ def test_submit_rejects_a_seed_torch_cannot_take(tiny_scheduler):
 
 def test_a_crashed_decode_loop_is_restarted_then_declared_dead(tiny_scheduler, monkeypatch):
     from fastapi.testclient import TestClient
+    from test_app import serve_cfg
 
     from nanopipe.serving.app import create_app
-    from test_app import serve_cfg
     s = tiny_scheduler
     w = s.workers[0]
     streams = _start_streams(s, 2, max_tokens=200)
@@ -134,7 +134,7 @@ def test_a_crashed_decode_loop_is_restarted_then_declared_dead(tiny_scheduler, m
     monkeypatch.setattr(w, "_wait_for_work", wait_then_fail)
     with w._wake:
         w._wake.notify()
-    for tokens, last in _finish_streams(streams):  # the rows it held are failed, not left hanging
+    for _tokens, last in _finish_streams(streams):  # the rows it held are failed, not left hanging
         assert last[0] == "error" and "decode loop bug" in last[1]
     assert s.generate(PROMPT, max_tokens=5, temperature=0.0, timeout=60)[2] == "length"
     assert w.stats["restarts"] == 1 and w.alive
@@ -194,7 +194,7 @@ def _sigint_and_time(proc):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        raise AssertionError(f"the server did not exit within {EXIT_BOUND_S}s of SIGINT")
+        raise AssertionError(f"the server did not exit within {EXIT_BOUND_S}s of SIGINT") from None
     return time.perf_counter() - t0
 
 

@@ -3,10 +3,22 @@ its boundary, the exact message and `param` of every refusal (the text the clien
 error body), the order of the checks, and the folding of system text into the first user message."""
 import pytest
 
-from nanopipe.serving.schemas import (ChatRequest, InvalidRequest, OpenAIChatRequest, OpenAICompletionRequest,
-                                      Sampling, openai_conversation, render_prompt, validate_chat,
-                                      validate_completion, validate_conversation, validate_openai, validate_sampling,
-                                      _encodable, _message_text)
+from nanopipe.serving.schemas import (
+    ChatRequest,
+    InvalidRequest,
+    OpenAIChatRequest,
+    OpenAICompletionRequest,
+    Sampling,
+    _encodable,
+    _message_text,
+    openai_conversation,
+    render_prompt,
+    validate_chat,
+    validate_completion,
+    validate_conversation,
+    validate_openai,
+    validate_sampling,
+)
 
 
 def _err(fn, *args, **kw):

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
+from serve_doubles import ByteTokenizer, MockModel, tiny_gpt
 
 from nanopipe.inference.engine import Engine
 from nanopipe.serving.scheduler import Scheduler
-from serve_doubles import ByteTokenizer, MockModel, tiny_gpt
 
 LOGITS = {97: 2.0, 98: 1.0, 99: 0.0, 100: -1.0}  # "a".."d"; every other token at -1e4 (probability 0)
 VOCAB = 262

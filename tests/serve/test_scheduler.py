@@ -6,11 +6,23 @@ import time
 
 import pytest
 import torch
+from serve_doubles import (
+    ASSISTANT_END,
+    BOS,
+    OUTPUT_END,
+    OUTPUT_START,
+    PROMPT,
+    PYTHON_END,
+    PYTHON_START,
+    BigramModel,
+    ByteTokenizer,
+    ChatByteTokenizer,
+    suppress_terminators,
+    tiny_gpt,
+)
 
 from nanopipe.inference.engine import Engine
 from nanopipe.serving.scheduler import QueueFull, Scheduler
-from serve_doubles import (ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PROMPT, PYTHON_END, PYTHON_START,
-                           BigramModel, ByteTokenizer, ChatByteTokenizer, suppress_terminators, tiny_gpt)
 
 
 def engine_tokens(engine, prompt, max_tokens, temperature, top_k, seed):
@@ -263,7 +275,7 @@ def test_token_logprobs_are_raw_and_ordered(gpt, sched):
     assert got and ev[0] == "done"
     seq = list(p)
     with torch.inference_mode():
-        for _, token, mask, lp in got:
+        for _, token, _mask, lp in got:
             ref = torch.log_softmax(gpt.forward(torch.tensor([seq]))[0, -1].float(), dim=-1)
             assert lp["logprob"] == pytest.approx(ref[token].item(), abs=1e-4)
             values = [v for _, v in lp["top"]]

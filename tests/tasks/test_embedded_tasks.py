@@ -4,8 +4,16 @@ import json
 
 import pytest
 
-from nanopipe.tasks import (IDENTITY_PATH, Arithmetic, CustomJSON, HumanEval, SimpleSpelling, SpellingBee,
-                            TaskMixture, check_conversation)
+from nanopipe.tasks import (
+    IDENTITY_PATH,
+    Arithmetic,
+    CustomJSON,
+    HumanEval,
+    SimpleSpelling,
+    SpellingBee,
+    TaskMixture,
+    check_conversation,
+)
 from nanopipe.tasks.arithmetic import calculator_output
 from nanopipe.tasks.humaneval import extract_imports, extract_program
 from nanopipe.tasks.spellingbee import USER_MSG_TEMPLATES, load_words

@@ -13,7 +13,6 @@ from nanopipe.tasks.common import load_hf_dataset
 from nanopipe.tasks.gsm8k import answer_to_parts, extract_answer
 
 
-
 def local(cls, *args, hf_dir, hf_cache, **kwargs):
     return cls(*args, dataset_dir=str(hf_dir), cache_dir=hf_cache, **kwargs)
 
@@ -134,7 +133,7 @@ def test_arc_uses_dataset_letters_and_grades(hf_dir, hf_cache, rows):
         assert conv["letters"] == row["choices"]["label"]
         seen_labels.add(tuple(conv["letters"]))
         assert conv["messages"][1]["content"] == row["answerKey"]
-        wrong = next(l for l in conv["letters"] if l != row["answerKey"])
+        wrong = next(letter for letter in conv["letters"] if letter != row["answerKey"])
         assert task.evaluate(conv, row["answerKey"]) is True and task.evaluate(conv, wrong) is False
         with pytest.raises(ValueError, match="one of"):
             task.evaluate(conv, "Z")

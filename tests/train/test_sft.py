@@ -106,7 +106,7 @@ def test_overlong_conversations_are_truncated_counted_and_never_stall(tok):
     assert state["conversations"] >= 40  # every row got a conversation
     ids, mask, cut = render(tok, data[0], 33)
     assert cut and len(ids) == 33
-    for x, y, _ in batches:
+    for _x, y, _ in batches:
         assert (y >= 0).any(dim=1).all(), "a row without supervised tokens"
 
 

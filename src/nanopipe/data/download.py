@@ -34,10 +34,10 @@ import shutil
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import timezone
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from omegaconf import DictConfig

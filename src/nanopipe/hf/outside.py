@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from nanopipe.hf.tokenizer import bytes_to_unicode
 
-
 # What a transformers tokenizer is saved as (fast, slow BPE, SentencePiece, WordPiece)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 

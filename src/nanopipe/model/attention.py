@@ -79,7 +79,8 @@ def _load_flash_attention_2(forced: bool = False):
         why = fa2_problem(torch.cuda.get_device_capability(), forced)
         if why is not None:
             return None, why
-        from flash_attn import flash_attn_func as f2, flash_attn_with_kvcache as f2kv
+        from flash_attn import flash_attn_func as f2
+        from flash_attn import flash_attn_with_kvcache as f2kv
         return SimpleNamespace(flash_attn_func=f2, flash_attn_with_kvcache=f2kv), None
     except Exception as e:
         return None, f"{type(e).__name__}: {e}"

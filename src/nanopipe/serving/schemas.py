@@ -138,7 +138,7 @@ def validate_conversation(messages, roles=("user", "assistant"), field="messages
     if len(messages) > MAX_MESSAGES_PER_REQUEST:
         raise InvalidRequest(f"Too many messages. Maximum {MAX_MESSAGES_PER_REQUEST} messages allowed per request", field)
     total = 0
-    for i, (role, content) in enumerate(messages):
+    for i, (_role, content) in enumerate(messages):
         if not content:
             raise InvalidRequest(f"Message {i} has empty content", f"{field}[{i}].content")
         if len(content) > MAX_MESSAGE_LENGTH:

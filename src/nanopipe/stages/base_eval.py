@@ -90,7 +90,8 @@ def run(st: Stage) -> None:
     tokens = f"first {metrics['val_bpb_tokens']:,} tokens"
     report += [f"- val bpb: {metrics['val_bpb']:.4f} (final model, {tokens} of the val shard)",
                f"- train bpb: {metrics['train_bpb']:.4f} ({tokens} of the train shards)",
-              f"- CORE: {metrics['core_metric']:.4f}" if metrics["core_metric"] is not None else f"- CORE: unavailable ({metrics['core_unavailable']})"]
+               f"- CORE: {metrics['core_metric']:.4f}" if metrics["core_metric"] is not None
+               else f"- CORE: unavailable ({metrics['core_unavailable']})"]
     if "core_centered" in metrics:
         report += ["", "| task | accuracy | centered |", "|---|---:|---:|"]
         report += [f"| {k} | {core['results'][k]:.4f} | {v:.4f} |" for k, v in core["centered_results"].items()]

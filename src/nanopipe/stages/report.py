@@ -176,7 +176,8 @@ def header(git: Mapping[str, Any], gpu: Mapping[str, Any], system: Mapping[str, 
 def hourly_rate(gpus_per_node: int, gpu_hourly_rate: float, cpu_hourly_rate: float) -> tuple[float, str]:
     """USD per hour of one node, and how it was reckoned."""
     if gpus_per_node > 0:
-        return gpus_per_node * gpu_hourly_rate, f"${gpus_per_node * gpu_hourly_rate:.2f}/hour ({gpus_per_node} GPU x ${gpu_hourly_rate:.2f})"
+        rate = gpus_per_node * gpu_hourly_rate
+        return rate, f"${rate:.2f}/hour ({gpus_per_node} GPU x ${gpu_hourly_rate:.2f})"
     return cpu_hourly_rate, f"${cpu_hourly_rate:.2f}/hour (CPU)"
 
 

@@ -220,7 +220,8 @@ def summarize(r, pl: Plan, history: dict, timing: dict, num_val: int, src_meta: 
         f"- pass@1 / pass@{k} (T=1.0): step {first_pk['step']}: {first_pk['pass_at_1']:.4f} / {first_pk[f'pass_at_{k}']:.4f}"
         f" -> step {last_pk['step']}: {last_pk['pass_at_1']:.4f} / {last_pk[f'pass_at_{k}']:.4f}",
         f"- mean sequence length (prompt + completion): {fmt(metrics['sequence_length_mean'], '.1f')} tokens",
-        f"- rollout throughput: {fmt(metrics['rollout_samples_per_s'], '.2f')} samples/s; median step {fmt(metrics['step_time_s'], '.2f')} s; "
+        f"- rollout throughput: {fmt(metrics['rollout_samples_per_s'], '.2f')} samples/s; "
+        f"median step {fmt(metrics['step_time_s'], '.2f')} s; "
         f"world size {world}",
     ])
     return metrics, report

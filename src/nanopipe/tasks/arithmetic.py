@@ -10,7 +10,6 @@ the size of the numbers, and which operations appear.
 from nanopipe.tasks.common import SyntheticTask
 from nanopipe.tasks.gsm8k import answer_to_parts, grade_final_answer
 
-
 NAMES = ["Ava", "Ben", "Chloe", "Diego", "Emma", "Farah", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena", "Mateo",
          "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Uma", "Victor", "Wen", "Yara", "Zane"]
 ITEMS = ["apples", "marbles", "stickers", "books", "cookies", "pencils", "coins", "stamps", "shells", "cards",

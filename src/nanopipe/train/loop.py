@@ -124,7 +124,8 @@ class Resume:
                 shutil.rmtree(stale, ignore_errors=True)
         if self.keep != 0:
             self.snapshot(step, model, meta)
-        save_checkpoint(step_dir(self.dir, step), model, optimizer, {**meta, "step": step, "fingerprint": self.fingerprint, "plots": self.stage.plot_rows()})
+        save_checkpoint(step_dir(self.dir, step), model, optimizer,
+                        {**meta, "step": step, "fingerprint": self.fingerprint, "plots": self.stage.plot_rows()})
         barrier()
         if is_rank0() and previous is not None and previous != step:
             shutil.rmtree(step_dir(self.dir, previous), ignore_errors=True)

@@ -29,8 +29,7 @@ import logging
 
 import torch
 
-from nanopipe.tasks import (GSM8K, IDENTITY_PATH, MMLU, Arithmetic, CustomJSON, SimpleSpelling, SmolTalk, SpellingBee,
-                            TaskMixture)
+from nanopipe.tasks import GSM8K, IDENTITY_PATH, MMLU, Arithmetic, CustomJSON, SimpleSpelling, SmolTalk, SpellingBee, TaskMixture
 
 log = logging.getLogger("nanopipe.sft")
 
