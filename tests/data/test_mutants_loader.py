@@ -243,3 +243,12 @@ def test_default_slice_and_buffer_sizes(tmp_path, make_shard, byte_tokenizer, do
     path = make_shard(tmp_path / "shard_00000.parquet", [["x"] * docs])
     _, _, s = next(loader(byte_tokenizer, 1, 1, [path], device="cpu", prefetch=0, rank=0, world_size=1))
     assert (s["epoch"], s["pq_idx"], s["rg_idx"], s["doc_idx"]) == cursor
+
+
+def test_batches_land_on_the_requested_device(packing_corpus, byte_tokenizer):
+    # The rows are packed on the CPU and copied to `device` (a GPU in training). The meta device stands
+    # in for that GPU here: the yielded tensors must live there, as long ids of shape (B, T).
+    x, y, _ = next(loader(byte_tokenizer, 2, 7, packing_corpus, device="meta", tokenizer_batch_size=2,
+                          buffer_size=3, prefetch=0, rank=0, world_size=1))
+    assert x.device.type == y.device.type == "meta"
+    assert x.shape == y.shape == (2, 7) and x.dtype == y.dtype == torch.long
