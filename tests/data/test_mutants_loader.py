@@ -252,3 +252,14 @@ def test_batches_land_on_the_requested_device(packing_corpus, byte_tokenizer):
                           buffer_size=3, prefetch=0, rank=0, world_size=1))
     assert x.device.type == y.device.type == "meta"
     assert x.shape == y.shape == (2, 7) and x.dtype == y.dtype == torch.long
+
+
+def test_shard_without_text_column_names_the_shard(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "shard_00000.parquet"
+    pq.write_table(pa.table({"content": ["hello"]}), bad)
+    with pytest.raises(ValueError) as e:
+        next(_document_batches([str(bad)], 0, 1, 4, (1, 0, 0, 0)))
+    assert str(e.value) == f"{bad}: parquet shard has no 'text' column (columns: ['content'])"
