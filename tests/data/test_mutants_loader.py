@@ -14,6 +14,8 @@ import torch
 from nanopipe.data.loader import (
     _document_batches,
     _pick_state,
+)
+from nanopipe.data.loader import (
     tokenizing_distributed_data_loader_with_state_bos_bestfit as loader,
 )
 
