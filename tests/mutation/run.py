@@ -8,8 +8,9 @@
 It drives mutmut 3 (`pip install mutmut`; config in pyproject.toml `[tool.mutmut]`): mutmut copies
 src/ and tests/ into mutants/ (gitignored), mutates the files listed there, runs the selected tests
 once to learn which tests execute which function, then runs each mutant against only those tests,
-in a forked child. Results persist in mutants/ (a rerun only retests mutants whose function or tests
-changed); `rm -rf mutants` starts over. Not part of the default test run or CI.
+in a forked child. Results persist in mutants/ for --report; running a module retests all its mutants
+(mutmut reruns every mutant it is named); `rm -rf mutants` starts over. Not part of the default test
+run or CI.
 
 A module here is a file and, where only part of it is the core logic, the functions of it that are
 mutated (mutmut mutates whole files; the rest is simply not run). Prints, per module:
