@@ -111,7 +111,8 @@ def test_pick_state_needs_version_rank_and_world_size(change, capsys):
     assert _pick_state([s], 0, 2) == (None, (2, 0, 0, 0))
 
 
-def test_pick_state_approximate_cursor(capsys):
+def test_pick_state_approximate_cursor(caplog):
+    caplog.set_level("INFO", logger="nanopipe")  # print0 logs (stderr, the one log format)
     # furthest saved cursor by (epoch, pq_idx, rg_idx); a row group partly read (doc_idx > 0) is skipped,
     # one not started yet (doc_idx == 0) is not; then the first row group of this rank's stride from there
     states = [exact_state(0, 2, epoch=3, pq_idx=1, rg_idx=4, doc_idx=0),
@@ -120,7 +121,7 @@ def test_pick_state_approximate_cursor(capsys):
     assert _pick_state(states, 0, 3) == (None, (3, 1, 6, 0))   # first = 6: 6 is rank 0's
     assert _pick_state(states, 1, 3) == (None, (3, 1, 7, 0))
     assert _pick_state(states, 2, 3) == (None, (3, 1, 8, 0))
-    out = capsys.readouterr().out
+    out = caplog.text
     assert ("[loader] WARNING: resume state (rank 0/2, rank 1/2, rank 0/2) does not match rank 2 of 3: approximate "
             "resume from shard 1, row group 8 (buffered documents are dropped). Save gather_state_dicts(...) from "
             "the same world size for an exact resume.") in out
@@ -131,12 +132,13 @@ def test_pick_state_approximate_cursor(capsys):
     assert _pick_state([exact_state(0, 4, epoch=1, pq_idx=0, rg_idx=4, doc_idx=1)], 0, 2) == (None, (1, 0, 6, 0))
 
 
-def test_pick_state_nanochat_state(capsys):
+def test_pick_state_nanochat_state(caplog):
+    caplog.set_level("INFO", logger="nanopipe")
     # nanochat's {pq_idx, rg_idx[, epoch]}: rg_idx is the last row group read; no epoch means epoch 1
     assert _pick_state({"pq_idx": 2, "rg_idx": 3}, 0, 1) == (None, (1, 2, 4, 0))
     assert _pick_state({"pq_idx": 2, "rg_idx": 3, "epoch": 5}, 1, 2) == (None, (5, 2, 5, 0))
     assert _pick_state([{"pq_idx": 0, "rg_idx": 9, "epoch": 1}, {"pq_idx": 1, "rg_idx": 0}], 0, 1) == (None, (1, 1, 1, 0))
-    assert "resume state (rank ?/?) does not match rank 0 of 1" in capsys.readouterr().out
+    assert "resume state (rank ?/?) does not match rank 0 of 1" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------- the loader
