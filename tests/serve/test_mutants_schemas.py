@@ -371,3 +371,71 @@ def test_render_prompt():
     ids = render_prompt(_Tok(), [("user", "ab"), ("assistant", "c"), ("user", "d")])
     assert ids == [100, 101, 97, 98, 102, 103, 99, 104, 101, 100, 102, 103]
     assert render_prompt(_Tok(), []) == [100, 103]
+
+
+# Accepted at the edge: the neutral values of the fields the server refuses otherwise, and each limit
+# at its boundary (the refusals above pin the side just past it)
+
+@pytest.mark.parametrize("kw", [
+    {"modalities": None}, {"modalities": ["text"]},
+    {"service_tier": None}, {"service_tier": "auto"}, {"service_tier": "default"},
+])
+def test_validate_openai_accepts_neutral_modalities_and_service_tier(kw):
+    assert validate_openai(_openai(**kw)) == ([("user", "hi")], Sampling())
+
+
+@pytest.mark.parametrize("kw, message, param", [
+    # only these two names have neutral values beyond NEUTRAL's: an unknown field is refused even if null
+    ({"whatever": None}, "Unrecognized request argument supplied: whatever", "whatever"),
+    ({"whatever": "auto"}, "Unrecognized request argument supplied: whatever", "whatever"),
+    ({"whatever": ["text"]}, "Unrecognized request argument supplied: whatever", "whatever"),
+    ({"modalities": ["TEXT"]}, 'modalities: only ["text"] is supported', "modalities"),
+    ({"service_tier": "AUTO"}, 'service_tier: only "auto" or "default" is supported', "service_tier"),
+])
+def test_validate_openai_neutral_values_are_exact(kw, message, param):
+    e = _err(validate_openai, _openai(**kw))
+    assert (e.message, e.param, e.status) == (message, param, 400)
+
+
+def test_validate_openai_message_name_and_refusal_may_be_null():
+    # OpenAI's SDKs send `name: null` / `refusal: null` (an assistant message echoed back): they ask for nothing
+    messages = [{"role": "user", "content": "a", "name": None},
+                {"role": "assistant", "content": "b", "refusal": None, "name": None},
+                {"role": "user", "content": "c", "refusal": None}]
+    assert validate_openai(_openai(messages=messages))[0] == [("user", "a"), ("assistant", "b"), ("user", "c")]
+    e = _err(validate_openai, _openai(messages=[{"role": "assistant", "content": "b", "refusal": "no"}]))
+    assert (e.message, e.param) == ("messages[0].refusal: the message field `refusal` is not supported",
+                                    "messages[0].refusal")
+    e = _err(validate_openai, _openai(messages=[{"role": "user", "content": "b", "audio": None}]))
+    assert (e.message, e.param) == ("messages[0].audio: the message field `audio` is not supported",
+                                    "messages[0].audio")
+
+
+def test_stop_sequence_length_limit_is_inclusive():
+    assert validate_openai(_openai(stop="x" * 256))[1].stop == ["x" * 256]
+    assert validate_openai(_openai(stop=["a", "y" * 256]))[1].stop == ["a", "y" * 256]
+    e = _err(validate_openai, _openai(stop=["a", "y" * 257]))
+    assert (e.message, e.param) == ("a stop sequence may be at most 256 characters", "stop[1]")
+
+
+def test_validate_completion_choice_limit_is_inclusive():
+    assert len(_validate_completion(_completion(prompt=[[1]] * 128))[0]) == 128
+    prompts, sampling, _ = _validate_completion(_completion(prompt=[[1]] * 8, n=16))
+    assert (len(prompts), sampling.n) == (8, 16)
+
+
+def test_validate_completion_prompt_length_limit_is_inclusive():
+    prompts, _, _ = _validate_completion(_completion(prompt="x" * 32000), context=32002)
+    assert len(prompts[0]) == 32001  # the test encoder's leading 1, then one id per character
+
+
+def test_validate_completion_max_tokens_one_needs_no_echo():
+    # 0 is the only value that needs echo and logprobs; 1 is the smallest ordinary one
+    for kw in ({}, {"echo": True}, {"logprobs": 2}):
+        assert _validate_completion(_completion(prompt="a", max_tokens=1, **kw))[1].max_tokens == 1
+
+
+@pytest.mark.parametrize("prompt, param", [([[]], "prompt"), ([[5], []], "prompt[1]")])
+def test_validate_completion_empty_token_list(prompt, param):
+    e = _err(_validate_completion, _completion(prompt=prompt))
+    assert (e.message, e.param, e.status) == ("prompt must not be empty", param, 400)
