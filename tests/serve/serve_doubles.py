@@ -153,3 +153,16 @@ class SlowModel(MockModel):
         import time
         time.sleep(self.delay)
         return super().forward(ids, kv_cache)
+
+
+def serve_in_thread(app):
+    """Run `app` under uvicorn on a free port in a thread: (server, thread, base URL)."""
+    from nanopipe.serving.app import run_in_thread
+
+    server, thread, port = run_in_thread(app)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def stop_server(server, thread):
+    server.should_exit = True
+    thread.join(30)

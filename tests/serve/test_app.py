@@ -22,9 +22,11 @@ from serve_doubles import (
     suppress_terminators,
     tiny_gpt,
 )
+from serve_doubles import serve_in_thread as start
+from serve_doubles import stop_server as stop
 
 from nanopipe.inference.engine import Engine, TextStream
-from nanopipe.serving.app import create_app, render_prompt, run_in_thread
+from nanopipe.serving.app import create_app, render_prompt
 
 REPLY = "Hi é€😀!"  # multi-byte characters, streamed one byte (= one token) at a time
 
@@ -33,15 +35,6 @@ def serve_cfg(**overrides):
     """The validated `serve` section of the smoke experiment (every key), with overrides."""
     return make_cfg("experiment=smoke", *(f"serve.{k}={v}" for k, v in overrides.items())).serve
 
-
-def start(app):
-    server, thread, port = run_in_thread(app)
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
-def stop(server, thread):
-    server.should_exit = True
-    thread.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,10 @@ import pytest
 from helpers import REPO, make_cfg, require_module, require_tool
 from script_double import ScriptModel
 from serve_doubles import ASSISTANT_END, OUTPUT_END, PYTHON_END, PYTHON_START, ChatByteTokenizer, SlowModel, tiny_gpt
+from serve_doubles import serve_in_thread as start
+from serve_doubles import stop_server as stop
 
-from nanopipe.serving.app import create_app, run_in_thread
+from nanopipe.serving.app import create_app
 
 CONTEXT = 512  # a quarter (128 tokens) is kept for the reply: the scripted one (~115) is never cut
 # what the double says: markdown, a calculator call (the engine forces its result in), and HTML that
@@ -116,15 +118,6 @@ def in_page(port, url, body):
                 return await body(page)
     return asyncio.run(main())
 
-
-def start(app):
-    server, thread, port = run_in_thread(app)
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
-def stop(server, thread):
-    server.should_exit = True
-    thread.join(30)
 
 
 def test_ten_turns_rolling_context_markdown_and_tool_call(browser, tmp_path):

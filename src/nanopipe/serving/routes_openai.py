@@ -361,13 +361,17 @@ async def chat_completions(body: OpenAIChatRequest, request: Request, state: Sta
             "usage": job.usage()}
 
 
-def _chat_chunk(job: Job, i, delta, finish=None, logprobs=None):
-    payload = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
-               "system_fingerprint": None,
-               "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+def _chunk(job: Job, obj, choice):
+    """One streamed chunk carrying one choice (`usage: null` when the client asked for a usage chunk at the end)."""
+    payload = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "system_fingerprint": None,
+               "choices": [choice]}
     if job.include_usage:
         payload["usage"] = None
     return sse(payload)
+
+
+def _chat_chunk(job: Job, i, delta, finish=None, logprobs=None):
+    return _chunk(job, "chat.completion.chunk", {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
 
 
 def _usage_chunk(job: Job):
@@ -441,12 +445,7 @@ def _echoed_logprobs(job: Job, i, starts):
 
 
 def _completion_chunk(job: Job, i, text, logprobs=None, finish=None):
-    payload = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
-               "system_fingerprint": None,
-               "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
-    if job.include_usage:
-        payload["usage"] = None
-    return sse(payload)
+    return _chunk(job, "text_completion", {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
 
 
 async def _completion_chunks(job: Job, echoed, want_logprobs):
