@@ -63,7 +63,7 @@ def check_served_reply(base_url: str, prompt: str, max_tokens: int, greedy: str)
     out = r.json()
     assert out["object"] == "chat.completion" and len(out["choices"]) == 1
     choice = out["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": greedy}
+    assert choice["message"] == {"role": "assistant", "content": greedy, "refusal": None}  # OpenAI's message shape
     n = out["usage"]["completion_tokens"]
     assert 1 <= n <= max_tokens
     assert choice["finish_reason"] == ("length" if n == max_tokens else "stop"), (choice["finish_reason"], n)

@@ -102,6 +102,8 @@ def test_a_logged_model_loads_from_the_moved_repo(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)  # an earlier test's mlflow.set_tracking_uri()
     old, new = tmp_path / "old", tmp_path / "new"
     _git_repo(old)
     (tmp_path / "echo.py").write_text(ECHO_MODEL)

@@ -140,9 +140,10 @@ def test_a_crashed_decode_loop_is_restarted_then_declared_dead(tiny_scheduler, m
     assert w.stats["restarts"] == 1 and w.alive
     # failing again and again: after MAX_RESTARTS the worker is dead and /health says so
     monkeypatch.setattr(w, "_wait_for_work", lambda: (_ for _ in ()).throw(RuntimeError("still broken")))
-    with w._wake:
-        w._wake.notify()
-    deadline = time.time() + 30
+    # a request wakes the loop (an idle one waits inside the real _wait_for_work until there is work);
+    # the next time round it calls the broken one, and so on after every restart
+    _start_streams(s, 1, max_tokens=200)
+    deadline = time.time() + 60
     while w.alive and time.time() < deadline:
         time.sleep(0.05)
     assert not w.alive and "still broken" in w.dead
