@@ -201,9 +201,9 @@ def test_two_node_resume_after_kill9_is_bit_identical(two_rank_reference):
         assert ckpt.exists(), f"no checkpoint appeared:\n{Path(log.name).read_text()[-3000:]}\n{follower.text()[-2000:]}"
         os.killpg(proc.pid, signal.SIGKILL)  # node 0's DVC, launcher and workers; node 1's worker loses its peer
         proc.wait()
-        # --no-run-cache: the inputs equal the reference run's, so DVC would restore its outputs from the
-        # run-cache (docs/decisions.md D20), which is right but skips the resume this test is about
-        p = run(["dvc", "repro", "--no-run-cache", "pretrain"], repo, timeout=600)
+        # forced: the inputs equal the reference run's and every output is cached, so a plain `dvc repro`
+        # restores its outputs from the cache (docs/decisions.md D20), which is right but skips the resume
+        p = run(["dvc", "repro", "-f", "-s", "pretrain"], repo, timeout=600)
         assert "resuming from step 8" in p.stderr, p.stderr[-3000:]
         _assert_same_run(repo, ref)
         assert follower.text().count("[follow] + ") == 2

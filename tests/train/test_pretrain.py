@@ -67,9 +67,9 @@ def test_kill9_resume_is_bit_identical(smoke_repo):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    # --no-run-cache: the inputs equal the first run's, so DVC would restore that run's outputs from its
-    # run-cache (docs/decisions.md D20), which is right but skips the resume this test is about
-    p = run(["dvc", "repro", "--no-run-cache", "pretrain"], repo)
+    # forced: the inputs equal the first run's and every output is cached, so a plain `dvc repro` restores
+    # that run's outputs from the cache (docs/decisions.md D20), which is right but skips the resume
+    p = run(["dvc", "repro", "-f", "-s", "pretrain"], repo)
     assert "resuming from step" in p.stderr, p.stderr[-3000:]
     steps = [int(r["step"]) for r in csv.DictReader(open(repo / "metrics/pretrain/val.csv"))]
     assert steps == [0, 6, 12]  # the curve from before the kill is kept, nothing is logged twice
